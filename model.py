@@ -1,0 +1,672 @@
+"""
+The Wan2.1 text-to-video diffusion transformer (DiT), written from scratch.
+
+One network class serves every use in this repository:
+  - bidirectional (the teacher, and plain Wan2.1 inference): model(x, t, ctx)
+  - chunk-causal over a whole sequence (ODE initialisation, teacher-forced checks):
+        model(x, t, ctx, chunk_frames=3, window_frames=9, sink_frames=3)
+  - streaming, one chunk at a time against a KV cache (sink.py): model(x, t, cache=cache)
+
+Module names are Wan's checkpoint parameter names, so loading the original
+`diffusion_pytorch_model.safetensors` is a strict copy. Every other layout goes through
+the one rename table `DIFFUSERS_TO_WAN` and the prefix list `PREFIXES`.
+
+    python model.py convert SRC DST.safetensors   # any accepted checkpoint -> original layout
+"""
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class WanConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    freq_dim: int = 256  # sinusoidal time-embedding width
+    text_dim: int = 4096  # umT5-XXL hidden size
+    text_len: int = 512  # context is zero-padded to this many rows (and they are NOT masked)
+    in_dim: int = 16  # latent channels
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)  # (t, h, w)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_max_len: int = 1024  # largest RoPE position per axis
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+
+PRESETS = {
+    "wan2.1-t2v-1.3b": WanConfig(),
+    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # CPU-sized: 4 heads of 16 channels, so the 3D RoPE split (8/4/4) is non-trivial
+    "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
+}
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def sinusoidal_embedding(t, dim):
+    """t (...) in [0, 1000] -> (..., dim) as [cos(t w), sin(t w)], w_j = 10000^(-j / (dim/2)). fp64 like Wan."""
+    half = dim // 2
+    w = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    a = t.to(torch.float64)[..., None] * w
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+
+
+def rope_split(head_dim):
+    """Channels of one head given to the (t, h, w) axes: e.g. 128 -> (44, 42, 42)."""
+    d_hw = 2 * (head_dim // 6)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def rope_tables(head_dim, max_len, device=None):
+    """cos, sin tables (max_len, head_dim/2) in fp32 from fp64 angles: column block j holds the
+    frequencies of axis j (t, h, w), each axis with its own 1 / 10000^(2k / axis_dim)."""
+    pos = torch.arange(max_len, dtype=torch.float64, device=device)
+    freqs = [1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d) for d in rope_split(head_dim)]
+    a = pos[:, None] * torch.cat(freqs)[None]  # (max_len, head_dim/2)
+    return torch.cos(a).float(), torch.sin(a).float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent channel pairs (x[2k], x[2k+1]) as complex numbers.
+    x (B, L, H, D); cos, sin (L, D/2) fp32. Computed in fp32, returned in x's dtype."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
+    c, s = cos[:, None], sin[:, None]  # (L, 1, D/2)
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def layer_norm(x, eps):
+    """LayerNorm without affine, in fp32 (every LN of the block except norm3)."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+
+
+def modulate(x, shift, scale):
+    # x (B, F, T, D) fp32; shift, scale (B, F, 1, D) fp32
+    return x * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+
+
+class LayerNorm(nn.Module):
+    """The affine LayerNorm before cross-attention (Wan's `norm3`), computed in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+
+
+def linear(mod, x):
+    """nn.Linear applied in the weight's dtype (the residual stream stays fp32)."""
+    return mod(x.to(mod.weight.dtype))
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.norm_q = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, rope, layer, cache=None, chunks=None):
+        """x (B, L, D). rope = (cos_q, sin_q, cos_k, sin_k), each (L_q or L_k, head_dim/2).
+        cache: streaming state (sink.py): the chunk's un-roped K/V go in, the window's K/V come out.
+        chunks: (tokens_per_frame, chunk_frames, window_frames, sink_frames) for chunk-causal attention."""
+        H = self.num_heads
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (H, -1))  # (B, L, H, Dh)
+        k = self.norm_k(linear(self.k, x)).unflatten(-1, (H, -1))
+        v = linear(self.v, x).unflatten(-1, (H, -1))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_keys, H, Dh): sink + window, current chunk included
+        cos_q, sin_q, cos_k, sin_k = rope
+        q = apply_rope(q, cos_q, sin_q).transpose(1, 2)  # (B, H, L, Dh)
+        k = apply_rope(k, cos_k, sin_k).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if chunks is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = chunk_causal_attention(q, k, v, *chunks)
+        return linear(self.o, y.transpose(1, 2).flatten(2))  # (B, L, D)
+
+
+def chunk_keys(e, window_frames, sink_frames):
+    """Key frames seen by the chunk that ends (exclusive) at frame e: the sink frames [0, S) and the
+    window's latest frames [lo, e), lo = max(S, e - (W - S)); everything before e when W is None.
+    Returns a list of (start, end) frame spans. The same rule as the streaming cache in sink.py."""
+    S = sink_frames
+    if window_frames is None:
+        return [(0, e)]
+    lo = max(S, e - (window_frames - S))
+    return [(0, e)] if lo <= S else [(0, S), (lo, e)]
+
+
+def chunk_causal_attention(q, k, v, T, C, W, S):
+    """Chunk-causal attention over a whole sequence: each chunk of C frames attends to itself, the
+    S sink frames and the earlier frames inside the W-frame window (W None: every earlier frame).
+    Equal to one SDPA call with the block mask, but done one query chunk at a time so that no
+    (L, L) mask is materialised (21 frames at 832x480 would be a 1 GB mask) and every call can use
+    a dense, mask-free kernel. q, k, v (B, H, L, Dh) with roped q, k; T tokens per frame."""
+    nf = q.shape[2] // T
+    out = []
+    for s in range(0, nf, C):
+        e = min(s + C, nf)
+        spans = chunk_keys(e, W, S)
+        kc = torch.cat([k[:, :, a * T : b * T] for a, b in spans], dim=2)
+        vc = torch.cat([v[:, :, a * T : b * T] for a, b in spans], dim=2)
+        out.append(F.scaled_dot_product_attention(q[:, :, s * T : e * T], kc, vc))
+    return torch.cat(out, dim=2)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.norm_q = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def kv(self, ctx):
+        """ctx (B, text_len, D) -> K, V (B, text_len, H, Dh). Cached per prompt when streaming."""
+        k = self.norm_k(linear(self.k, ctx)).unflatten(-1, (self.num_heads, -1))
+        v = linear(self.v, ctx).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x, k, v):
+        q = self.norm_q(linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+        # no RoPE and no mask: the zero-padded text rows are attended to, as in Wan
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return linear(self.o, y.transpose(1, 2).flatten(2))
+
+
+# -----------------------------------------------------------------------------
+# block
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e0, ctx_kv, rope, layer, cache=None, chunks=None):
+        """x (B, F, T, D) fp32 residual stream; e0 (B, F, 6, D) fp32 per-frame time projection;
+        ctx_kv = this layer's cross-attention K, V (B, text_len, H, Dh)."""
+        B, nF, T, D = x.shape
+        mod = (self.modulation.float() + e0).unsqueeze(3)  # (B, F, 6, 1, D)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)  # (B, F, 1, D) each
+        h = modulate(layer_norm(x, self.eps), shift_a, scale_a).flatten(1, 2)  # (B, F*T, D)
+        x = x + gate_a * self.self_attn(h, rope, layer, cache, chunks).float().view(B, nF, T, D)
+        h = self.norm3(x).flatten(1, 2)
+        x = x + self.cross_attn(h, *ctx_kv).float().view(B, nF, T, D)
+        h = modulate(layer_norm(x, self.eps), shift_f, scale_f)
+        x = x + gate_f * self.ffn(h.to(self.ffn[0].weight.dtype)).float()
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        # x (B, F, T, D) fp32; e (B, F, D) fp32: the time embedding BEFORE time_projection
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unsqueeze(3).unbind(2)  # (B, F, 1, D)
+        return linear(self.head, modulate(layer_norm(x, self.eps), shift, scale))
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class WanModel(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        """(Re)build the RoPE tables; non-persistent, so they are rebuilt after a meta-device load."""
+        device = device if device is not None else self.patch_embedding.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_max_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope(self, fpos, h, w):
+        """cos, sin (len(fpos) * h * w, head_dim / 2) for tokens ordered (f, h, w), w fastest;
+        fpos (F,) long holds each frame's RoPE position (sink.py renumbers frames inside its window)."""
+        dt, dh, _ = (d // 2 for d in rope_split(self.cfg.head_dim))
+        nf = fpos.shape[0]
+
+        def grid(tab):
+            tf = tab[fpos, :dt].view(nf, 1, 1, -1).expand(nf, h, w, -1)
+            th = tab[:h, dt : dt + dh].view(1, h, 1, -1).expand(nf, h, w, -1)
+            tw = tab[:w, dt + dh :].view(1, 1, w, -1).expand(nf, h, w, -1)
+            return torch.cat([tf, th, tw], dim=-1).flatten(0, 2)
+
+        return grid(self.rope_cos), grid(self.rope_sin)
+
+    def embed_text(self, context):
+        """context (B, L <= text_len, text_dim) -> (B, text_len, D); zero-padded to text_len first."""
+        B, L, _ = context.shape
+        if L > self.cfg.text_len:
+            raise ValueError(f"context has {L} rows; the model takes at most text_len={self.cfg.text_len}")
+        context = F.pad(context, (0, 0, 0, self.cfg.text_len - L))
+        return linear(self.text_embedding[2], self.text_embedding[1](linear(self.text_embedding[0], context)))
+
+    def cross_kv(self, context):
+        """Every layer's cross-attention K and V of a prompt: two tensors (layers, B, text_len, H, Dh).
+        Computed once per prompt when streaming (sink.py keeps them in its cache)."""
+        ctx = self.embed_text(context)
+        kv = [blk.cross_attn.kv(ctx) for blk in self.blocks]
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+    def time_embed(self, t):
+        """t (B, F) -> e (B, F, D), e0 (B, F, 6, D), both fp32 (Wan runs the time path in fp32)."""
+        lin0, lin2 = self.time_embedding[0], self.time_embedding[2]
+        s = sinusoidal_embedding(t, self.cfg.freq_dim).float()
+        e = F.linear(F.silu(F.linear(s, lin0.weight.float(), lin0.bias.float())), lin2.weight.float(), lin2.bias.float())
+        p = self.time_projection[1]
+        e0 = F.linear(F.silu(e), p.weight.float(), p.bias.float())
+        return e, e0.unflatten(-1, (6, -1))
+
+    def forward(self, x, t, context=None, *, cache=None, chunk_frames=None, window_frames=None, sink_frames=0):
+        """Flow velocity v ~ noise - x0.
+
+        x (B, in_dim, F, H, W) latents; t (B,) or (B, F) timesteps in [0, 1000] (per frame for
+        chunk-wise training); context (B, L <= text_len, text_dim) umT5 states, zero-padded inside.
+        Streaming (sink.py): `cache` supplies the window's K/V, the RoPE frame positions, and (when
+        context is None) the prompt's cached cross-attention K/V.
+        Chunk-causal: chunk_frames set -> each chunk of that many latent frames sees itself, the first
+        `sink_frames` frames and the frames inside `window_frames` (None: all earlier frames).
+        Returns (B, out_dim, F, H, W)."""
+        cfg = self.cfg
+        B, _, nF, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = nF // pt, H // ph, W // pw
+        T = h * w  # tokens per latent frame
+
+        # 1. patchify: (B, C, F, H, W) -> (B, f, T, D), tokens ordered (f, h, w), w fastest
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(3).permute(0, 2, 3, 1).float()
+
+        # 2. time: per-frame embeddings, so chunks can sit at different noise levels
+        if t.dim() == 1:
+            t = t[:, None].expand(B, f)
+        elif t.shape != (B, nF):
+            raise ValueError(f"t must be (B,) or (B, F) = ({B}, {nF}); got {tuple(t.shape)}")
+        else:
+            t = t[:, ::pt]
+        e, e0 = self.time_embed(t)  # (B, f, D), (B, f, 6, D)
+
+        # 3. text: cross-attention K/V per layer, from the context or from the streaming cache
+        if context is not None:
+            ctx_k, ctx_v = self.cross_kv(context)
+        elif cache is not None:
+            ctx_k, ctx_v = cache.ctx_k, cache.ctx_v
+        else:
+            raise ValueError("forward needs a context, or a cache holding a prompt's cross-attention K/V")
+
+        # 4. RoPE positions: absolute frame indices, or the cache's renumbered window positions
+        if cache is None:
+            cos, sin = self.rope(torch.arange(f, device=x.device), h, w)
+            rope = (cos, sin, cos, sin)
+        else:
+            rope = self.rope(cache.q_fpos, h, w) + self.rope(cache.k_fpos[: cache.n_frames], h, w)
+        chunks = None
+        if chunk_frames is not None:
+            chunks = (T, chunk_frames // pt, None if window_frames is None else window_frames // pt, sink_frames // pt)
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, e0, (ctx_k[i], ctx_v[i]), rope, i, cache, chunks)
+
+        # 5. head + unpatchify: channel index ((pt*ph + h)*pw + w)*out_dim + c, c fastest
+        y = self.head(x, e).float()  # (B, f, T, pt*ph*pw*out)
+        y = y.view(B, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.reshape(B, cfg.out_dim, f * pt, h * ph, w * pw)
+
+    # -------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, key=None, num_heads=None):
+        """Load any accepted checkpoint (see `load_state_dict_any`). Built on the meta device and
+        filled with assign=True, each tensor converted as it is read: no second copy of the weights.
+        dtype: cast the weights (the time embedding and modulation stay fp32, as in Wan).
+        key: which dict of a training checkpoint ('generator_ema' by default when present)."""
+        sd, cfg_json, src = load_state_dict_any(path, key=key)
+        cfg = config_from_state_dict(sd, cfg_json, src, num_heads=num_heads)
+        check_state_dict(sd, cfg, src)
+        with torch.device("meta"):
+            model = cls(cfg)
+        for k in list(sd):  # replace one tensor at a time, so a cast never holds two full copies
+            sd[k] = sd[k].to(device=device, dtype=param_dtype(k, sd[k], dtype))
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.init_rope(device=model.patch_embedding.weight.device)
+        return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# checkpoint layouts: one rename table, one prefix list, strict checks
+
+# diffusers WanTransformer3DModel name -> Wan name (regex, replacement); shapes are identical
+DIFFUSERS_TO_WAN = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^blocks\.(\d+)\.attn1\.to_q\.", r"blocks.\1.self_attn.q."),
+    (r"^blocks\.(\d+)\.attn1\.to_k\.", r"blocks.\1.self_attn.k."),
+    (r"^blocks\.(\d+)\.attn1\.to_v\.", r"blocks.\1.self_attn.v."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_q\.", r"blocks.\1.cross_attn.q."),
+    (r"^blocks\.(\d+)\.attn2\.to_k\.", r"blocks.\1.cross_attn.k."),
+    (r"^blocks\.(\d+)\.attn2\.to_v\.", r"blocks.\1.cross_attn.v."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # the affine LN before cross-attention
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+# prefixes stripped when every key carries them: ComfyUI repacks, Self/Reward Forcing generators
+PREFIXES = ["model.diffusion_model.", "model.", "_orig_mod.", "module."]
+
+# training checkpoints keep the generator under one of these keys; the first found wins
+GENERATOR_KEYS = ["generator_ema", "generator", "model", "state_dict"]
+
+# kept in fp32 whatever the load dtype: the time path and the modulation tables (as in Wan)
+FP32_PARAMS = re.compile(r"^(time_embedding|time_projection)\.|modulation$")
+
+
+def param_dtype(name, tensor, dtype):
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if FP32_PARAMS.search(name) else dtype
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model (shared by t5.py and vae.py)."""
+
+
+def _read_safetensors(path, sd):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            for k in fh.keys():
+                sd[k] = fh.get_tensor(k)
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    return meta
+
+
+def load_state_dict_any(path, key=None):
+    """Read a DiT checkpoint in any accepted layout -> (state dict with Wan names, config dict or
+    None, description of the source for error messages). Accepted:
+      - a directory with diffusion_pytorch_model.safetensors (+ config.json): original Wan2.1 layout
+      - a Diffusers directory (or its transformer/ subfolder), sharded with an index json
+      - a .safetensors file (original or diffusers names; config in its metadata if we wrote it)
+      - a .pt / .pth torch pickle: flat, or with the generator under 'generator_ema' / 'generator'
+    with 'model.' / 'model.diffusion_model.' prefixes stripped."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: no such file or directory. Expected a Wan2.1 DiT checkpoint: a folder of "
+            "Wan-AI/Wan2.1-T2V-1.3B (or -Diffusers), or a .safetensors / .pt file such as rewardforcing.pt"
+        )
+    cfg_json = None
+    sd = {}
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        names = os.listdir(path)
+        if "config.json" in names:
+            with open(os.path.join(path, "config.json")) as fh:
+                cfg_json = json.load(fh)
+        index = [n for n in names if n.endswith(".safetensors.index.json")]
+        if index:
+            with open(os.path.join(path, index[0])) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+            for s in shards:
+                _read_safetensors(os.path.join(path, s), sd)
+        else:
+            files = sorted(n for n in names if n.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(
+                    f"{path}: no .safetensors weights found (expected diffusion_pytorch_model.safetensors, "
+                    "or a sharded set with *.safetensors.index.json)"
+                )
+            for s in files:
+                _read_safetensors(os.path.join(path, s), sd)
+        src = path
+    elif path.endswith(".safetensors"):
+        meta = _read_safetensors(path, sd)
+        if "config" in meta:
+            cfg_json = json.loads(meta["config"])
+        src = path
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a torch checkpoint or safetensors file ({err})") from err
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        if key is not None:
+            if key not in obj:
+                raise CheckpointError(f"{path}: no key {key!r}; top-level keys are {sorted(obj)[:10]}")
+            obj = obj[key]
+        else:
+            for k in GENERATOR_KEYS:
+                if isinstance(obj.get(k), dict):
+                    obj = obj[k]
+                    break
+        sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not sd:
+            raise CheckpointError(f"{path}: holds no tensors (top-level keys: {sorted(obj)[:10]})")
+        src = path
+    return wan_names(sd), cfg_json, src
+
+
+def wan_names(sd):
+    """Strip a prefix shared by every key, then map diffusers names through DIFFUSERS_TO_WAN."""
+    for p in PREFIXES:
+        if sd and all(k.startswith(p) for k in sd):
+            sd = {k[len(p) :]: v for k, v in sd.items()}
+    if any(k.startswith("condition_embedder.") for k in sd):
+        out = {}
+        for k, v in sd.items():
+            for pat, rep in DIFFUSERS_TO_WAN:
+                k, n = re.subn(pat, rep, k)
+                if n:
+                    break
+            out[k] = v
+        sd = out
+    return sd
+
+
+def config_from_state_dict(sd, cfg_json, src, num_heads=None):
+    """WanConfig from config.json (original or diffusers keys) where present, with every size that
+    the tensors determine inferred from them and checked against the json."""
+
+    def shape(k):
+        if k not in sd:
+            raise CheckpointError(f"{src}: missing key {k!r}, needed to infer the model size; is this a Wan2.1 DiT checkpoint?")
+        return tuple(sd[k].shape)
+
+    pe = shape("patch_embedding.weight")  # (dim, in_dim, pt, ph, pw)
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    inferred = dict(
+        dim=pe[0],
+        in_dim=pe[1],
+        patch_size=tuple(pe[2:]),
+        text_dim=shape("text_embedding.0.weight")[1],
+        freq_dim=shape("time_embedding.0.weight")[1],
+        ffn_dim=shape("blocks.0.ffn.0.weight")[0],
+        num_layers=max(layers) + 1 if layers else 0,
+        out_dim=shape("head.head.weight")[0] // math.prod(pe[2:]),
+        qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+    )
+    given = {}
+    if cfg_json:
+        j = cfg_json
+        if "num_attention_heads" in j:  # diffusers
+            given = dict(
+                dim=j.get("num_attention_heads", 0) * j.get("attention_head_dim", 0),
+                num_heads=j.get("num_attention_heads"),
+                ffn_dim=j.get("ffn_dim"),
+                num_layers=j.get("num_layers"),
+                freq_dim=j.get("freq_dim"),
+                text_dim=j.get("text_dim"),
+                in_dim=j.get("in_channels"),
+                out_dim=j.get("out_channels"),
+                patch_size=tuple(j["patch_size"]) if "patch_size" in j else None,
+                eps=j.get("eps"),
+                qk_norm=bool(j["qk_norm"]) if "qk_norm" in j else None,
+                cross_attn_norm=j.get("cross_attn_norm"),
+                rope_max_len=j.get("rope_max_seq_len"),
+            )
+        else:  # original Wan config.json, or our own (asdict of WanConfig)
+            names = {f.name for f in fields(WanConfig)}
+            given = {k: (tuple(v) if k == "patch_size" else v) for k, v in j.items() if k in names}
+        given = {k: v for k, v in given.items() if v is not None}
+    for k, v in inferred.items():
+        if k in given and given[k] != v:
+            raise CheckpointError(f"{src}: config says {k}={given[k]} but the tensors give {k}={v}")
+    kw = {**given, **inferred}
+    if num_heads is not None:
+        kw["num_heads"] = num_heads
+    kw.setdefault("num_heads", kw["dim"] // 128)  # no config: every Wan2.1 model has 128-channel heads
+    if kw["num_heads"] < 1 or kw["dim"] % kw["num_heads"]:
+        raise CheckpointError(
+            f"{src}: cannot split dim {kw['dim']} into {kw['num_heads']} heads; the checkpoint has no config, "
+            "so pass num_heads= (Wan2.1 uses 128 channels per head)"
+        )
+    return WanConfig(**kw)
+
+
+def check_state_dict(sd, cfg, src):
+    """Strict key and shape check against a meta-device model: one error listing everything wrong."""
+    with torch.device("meta"):
+        ref = {k: tuple(v.shape) for k, v in WanModel(cfg).state_dict().items()}
+    missing = [k for k in ref if k not in sd]
+    unexpected = [k for k in sd if k not in ref]
+    wrong = [f"{k}: {tuple(sd[k].shape)} != expected {ref[k]}" for k in ref if k in sd and tuple(sd[k].shape) != ref[k]]
+    if missing or unexpected or wrong:
+
+        def part(title, items):
+            return f"\n  {len(items)} {title}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else ""
+
+        raise CheckpointError(
+            f"{src}: does not match a WanModel with {cfg}"
+            + part("missing", missing)
+            + part("unexpected", unexpected)
+            + part("mis-shaped", wrong)
+        )
+
+
+def save_safetensors(model_or_sd, path, cfg=None):
+    """Write one original-layout safetensors file with the config in its metadata, atomically."""
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_sd, nn.Module):
+        cfg, sd = model_or_sd.cfg, model_or_sd.state_dict()
+    else:
+        sd = model_or_sd
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    meta = {"format": "pt"}
+    if cfg is not None:
+        meta["config"] = json.dumps(asdict(cfg))
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(sd, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def convert(src, dst, key=None, dtype=None):
+    """Any accepted checkpoint -> one original-layout safetensors file (checked strictly first)."""
+    sd, cfg_json, where = load_state_dict_any(src, key=key)
+    cfg = config_from_state_dict(sd, cfg_json, where)
+    check_state_dict(sd, cfg, where)
+    for k in list(sd):
+        sd[k] = sd[k].to(param_dtype(k, sd[k], dtype))
+    save_safetensors(sd, dst, cfg)
+    return cfg
+
+
+def main(argv):
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python model.py",
+        description="Wan2.1 DiT tools. `convert` writes any accepted checkpoint (original or Diffusers folder, "
+        "safetensors, Self/Reward Forcing .pt) as one original-layout safetensors file with its config in the metadata.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert a checkpoint to one original-layout safetensors file")
+    c.add_argument("src", help="checkpoint file or folder, e.g. rewardforcing.pt or Wan2.1-T2V-1.3B/")
+    c.add_argument("dst", help="output .safetensors path (written atomically)")
+    c.add_argument("--key", default=None, help="dict key of a training checkpoint (default: generator_ema, then generator)")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype) if a.dtype else None
+    cfg = convert(a.src, a.dst, key=a.key, dtype=dtype)
+    print(f"wrote {a.dst}: {cfg}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
