@@ -1,0 +1,380 @@
+"""umT5-XXL text encoder (encoder half only) and its tokenizer, as Wan2.1 uses them.
+
+Prompts are cleaned, tokenized (EOS appended, padded to 512), run through the encoder, and every row past a
+prompt's real length is zeroed: the result [B, 512, 4096] is the DiT's cross-attention context.
+Module names follow Wan's `models_t5_umt5-xxl-enc-bf16.pth`, so that file loads as a strict copy; the
+Hugging Face UMT5EncoderModel layout (Diffusers `text_encoder/`) is renamed through one table (HF_TO_OURS).
+"""
+
+import html
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import CheckpointError  # one error type for every loader
+
+# Wan's default negative prompt.
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WHERE_TO_GET = "Hugging Face repos Wan-AI/Wan2.1-T2V-1.3B (Wan layout) or Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+PAD_ID, EOS_ID = 0, 1
+
+
+@dataclass
+class T5Config:
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096  # num_heads * head_dim
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+    text_len: int = 512
+
+
+T5_PRESETS = {
+    "umt5-xxl": T5Config(),
+    "tiny": T5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=64),
+}
+
+# ----------------------------------------------------------------------------- model
+
+
+def relative_bucket(rel, num_buckets=32, max_distance=128):
+    """Bidirectional T5 bucket of rel = k_pos - q_pos (long tensor) -> long tensor in [0, num_buckets)."""
+    half = num_buckets // 2  # keys after the query (rel > 0) use buckets half..num_buckets-1
+    exact = half // 2  # distances 0..exact-1 each get their own bucket
+    n = rel.abs()
+    # log-spaced buckets for exact <= n < max_distance (n clamped so log(0) is never taken; those n use `n`)
+    ratio = torch.log(n.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (ratio * (half - exact)).long()).clamp(max=half - 1)
+    return (rel > 0).long() * half + torch.where(n < exact, n, far)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: weight only, no mean subtraction, variance in fp32, cast back to the input dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (..., dim)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class RelativeBias(nn.Module):
+    """Per-layer learned bias for each (bucket, head)."""
+
+    def __init__(self, num_buckets, num_heads):
+        super().__init__()
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, buckets):  # (L, L) long -> (1, H, L, L)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, dim_attn, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+
+    def forward(self, x, bias):  # x (B, L, dim), bias (B, H, L, L) additive
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, H, L, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H, L, d); T5: no 1/sqrt(d)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
+
+
+class FeedForward(nn.Module):
+    """Gated FFN: fc2(fc1(h) * gelu_tanh(gate(h)))."""
+
+    def __init__(self, dim, dim_ffn):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+
+    def forward(self, x):  # (B, L, dim)
+        return self.fc2(self.fc1(x) * self.gate(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = Attention(cfg.dim, cfg.dim_attn, cfg.num_heads)
+        self.norm2 = RMSNorm(cfg.dim, cfg.eps)
+        self.ffn = FeedForward(cfg.dim, cfg.dim_ffn)
+        self.pos_embedding = RelativeBias(cfg.num_buckets, cfg.num_heads)  # umT5: one table per layer
+
+    def forward(self, x, buckets, key_bias):  # x (B, L, dim), buckets (L, L), key_bias (B, 1, 1, L)
+        bias = self.pos_embedding(buckets).to(x.dtype) + key_bias  # (B, H, L, L)
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.ffn(self.norm2(x))
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, ids, mask=None):  # ids (B, L) long, mask (B, L) 1 = real token -> (B, L, dim)
+        B, L = ids.shape
+        x = self.token_embedding(ids)  # (B, L, dim)
+        pos = torch.arange(L, device=ids.device)
+        buckets = relative_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)  # (L, L)
+        key_bias = torch.zeros(B, 1, 1, L, dtype=x.dtype, device=x.device)  # (B, 1, 1, L)
+        if mask is not None:  # padded keys get the most negative finite value (never -inf: no NaN rows)
+            key_bias = key_bias.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(x.dtype).min)
+        for block in self.blocks:
+            x = block(x, buckets, key_bias)
+        return self.norm(x)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        return load_t5_encoder(path, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- loading
+
+# Hugging Face UMT5EncoderModel name -> our (= Wan .pth) name. First matching row wins; Wan names match no row.
+HF_TO_OURS = [
+    (r"^shared\.weight$", "token_embedding.weight"),
+    (r"^encoder\.embed_tokens\.weight$", "token_embedding.weight"),  # tied to shared.weight
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.", r"blocks.\1.attn.\2."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.", r"blocks.\1.pos_embedding.embedding."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.norm2."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.", r"blocks.\1.ffn.fc2."),
+    (r"^encoder\.final_layer_norm\.", "norm."),
+]
+
+
+def rename_key(key):
+    for pattern, repl in HF_TO_OURS:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+
+def _listing(keys, n=5):
+    keys = sorted(keys)
+    return f"{len(keys)} [" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {path} as JSON: {e}") from e
+
+
+def _resolve(path):
+    """-> (list of weight files, config.json path or None, kind 'safetensors' | 'pth')."""
+    p = Path(path)
+    expected = (f"a Diffusers text_encoder/ folder (config.json + model*.safetensors), Wan's {WAN_T5_FILE}, "
+                "or a folder holding either")
+    if not p.exists():
+        raise FileNotFoundError(f"T5 checkpoint path {p} does not exist; expected {expected}")
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            cfg = p.parent / "config.json"
+            return [p], cfg if cfg.is_file() else None, "safetensors"
+        return [p], None, "pth"
+    if (p / "text_encoder").is_dir():  # Diffusers root folder
+        return _resolve(p / "text_encoder")
+    cfg = p / "config.json" if (p / "config.json").is_file() else None
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index} lists no weight files")
+        return [p / s for s in shards], cfg, "safetensors"
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"], cfg, "safetensors"
+    pths = [p / WAN_T5_FILE] if (p / WAN_T5_FILE).is_file() else sorted(p.glob("*t5*.pth"))
+    if len(pths) == 1:
+        return pths, None, "pth"
+    raise FileNotFoundError(f"no T5 checkpoint found in folder {p}; expected {expected}")
+
+
+def _open_sources(files, kind):
+    """-> {our name: (shape, file, loader, stored name)}; tensors are read only when loader() is called."""
+    entries, dupes = {}, []
+    for f in files:
+        try:
+            if kind == "safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(str(f), framework="pt", device="cpu")
+                items = [(k, tuple(handle.get_slice(k).get_shape()), (lambda h=handle, k=k: h.get_tensor(k)))
+                         for k in handle.keys()]
+            else:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                    raise CheckpointError("it holds no flat {name: tensor} state dict")
+                items = [(k, tuple(v.shape), (lambda sd=sd, k=k: sd.pop(k))) for k, v in sd.items()]
+        except Exception as e:
+            raise CheckpointError(f"could not read {f} as a T5 encoder checkpoint ({kind}): {e}") from e
+        for key, shape, loader in items:
+            name = rename_key(key)
+            if name in entries:  # shared.weight and encoder.embed_tokens.weight are tied copies: keep one
+                if name != "token_embedding.weight":
+                    dupes.append(key)
+                continue
+            entries[name] = (shape, f, loader, key)
+    return entries, dupes
+
+
+def _config_from(entries, cfg_path, files):
+    if cfg_path is not None:
+        hf_cfg = _read_json(cfg_path)
+        missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in hf_cfg]
+        if missing:
+            raise CheckpointError(f"{cfg_path}: not a UMT5 config, missing fields {missing}")
+        return T5Config(vocab=hf_cfg["vocab_size"], dim=hf_cfg["d_model"], dim_attn=hf_cfg["d_kv"] * hf_cfg["num_heads"],
+                        dim_ffn=hf_cfg["d_ff"], num_heads=hf_cfg["num_heads"], num_layers=hf_cfg["num_layers"],
+                        num_buckets=hf_cfg.get("relative_attention_num_buckets", 32),
+                        max_distance=hf_cfg.get("relative_attention_max_distance", 128),
+                        eps=hf_cfg.get("layer_norm_epsilon", 1e-6))
+    needed = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
+              "blocks.0.pos_embedding.embedding.weight"]
+    missing = [k for k in needed if k not in entries]
+    if missing:
+        raise CheckpointError(f"{files[0]}: cannot infer T5 sizes, missing keys {missing}")
+    vocab, dim = entries["token_embedding.weight"][0]
+    num_buckets, num_heads = entries["blocks.0.pos_embedding.embedding.weight"][0]
+    layers = {int(m.group(1)) for k in entries if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return T5Config(vocab=vocab, dim=dim, dim_attn=entries["blocks.0.attn.q.weight"][0][0],
+                    dim_ffn=entries["blocks.0.ffn.fc1.weight"][0][0], num_heads=num_heads,
+                    num_layers=max(layers) + 1, num_buckets=num_buckets)
+
+
+def load_t5_encoder(path, dtype=None, device=None):
+    """Strictly load a T5Encoder from a Diffusers text_encoder/ folder, Wan's .pth, or a folder holding either.
+    Built on the meta device; each tensor is cast to `dtype` (None = as stored) and moved to `device` as it loads."""
+    files, cfg_path, kind = _resolve(path)
+    entries, dupes = _open_sources(files, kind)
+    cfg = _config_from(entries, cfg_path, files)
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = want.keys() - entries.keys()
+    unexpected = [entries[k][3] for k in entries.keys() - want.keys()] + dupes  # as stored
+    shaped = [f"{entries[k][3]}: expected {want[k]}, got {entries[k][0]}" + (f" (our {k})" if k != entries[k][3] else "")
+              for k in want.keys() & entries.keys() if want[k] != entries[k][0]]  # stored name first
+    if missing or unexpected or shaped:
+        src = f"sizes from {cfg_path}" if cfg_path else "sizes inferred from tensor shapes"
+        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise CheckpointError(f"{names} does not match T5Encoder({cfg}; {src}): missing {_listing(missing)}; "
+                              f"unexpected {_listing(unexpected)}; wrong shape {_listing(shaped, 3)}")
+    state = {}
+    for k in want:
+        t = entries.pop(k)[2]()  # one tensor at a time, cast as it arrives
+        state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- tokenizer and context
+
+
+def clean_prompt(text):
+    """html-unescape twice, collapse whitespace, strip (Wan also runs ftfy.fix_text; we do not)."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+class Tokenizer:
+    """umT5 tokenizer.json -> fixed-length ids: tokens + EOS(1), truncated to text_len with EOS last, padded with 0."""
+
+    def __init__(self, path, text_len=512):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = HFTokenizer.from_file(str(path))
+        self.tok.no_padding()  # we pad and truncate ourselves
+        self.tok.no_truncation()
+        self.tok.post_processor = None  # no template-added specials: we append EOS ourselves
+        self.text_len = text_len
+        for token, want in (("<pad>", PAD_ID), ("</s>", EOS_ID)):
+            got = self.tok.token_to_id(token)
+            if got is not None and got != want:
+                raise ValueError(f"{path}: {token} has id {got}, expected {want}")
+
+    def __call__(self, prompts):  # list[str] -> ids (B, text_len) long, mask (B, text_len) long
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = torch.full((len(prompts), self.text_len), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.text_len), dtype=torch.long)
+        encs = self.tok.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
+        for i, enc in enumerate(encs):
+            toks = enc.ids
+            if len(toks) + 1 > self.text_len:
+                warnings.warn(f"prompt {i} has {len(toks)} tokens + EOS, more than text_len={self.text_len}: "
+                              f"truncated to {self.text_len - 1} tokens + EOS")
+                toks = toks[: self.text_len - 1]
+            toks = list(toks) + [EOS_ID]
+            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[i, : len(toks)] = 1
+        return ids, mask
+
+
+def _first_file(folder, candidates):
+    return next((folder / c for c in candidates if (folder / c).exists()), None)
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> DiT context (B, text_len, dim): encoder output with rows past each prompt's length set to 0."""
+
+    def __init__(self, tokenizer: Tokenizer, encoder: T5Encoder):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.encoder = encoder.requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, ids, mask):  # ids, mask (B, L) -> (B, L, dim), rows with mask == 0 exactly zero
+        dev = self.encoder.token_embedding.weight.device
+        ids, mask = ids.to(dev), mask.to(dev)
+        hidden = self.encoder(ids, mask)  # (B, L, dim)
+        return hidden.masked_fill(~mask.bool()[..., None], 0.0)  # = cut to length, zero-pad back
+
+    def forward(self, prompts):  # list[str] -> (B, text_len, dim)
+        return self.encode(*self.tokenizer(prompts))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, text_len=512):
+        """folder: a Wan2.1 root (google/umt5-xxl/tokenizer.json + .pth) or a Diffusers root (tokenizer/, text_encoder/)."""
+        folder = Path(folder)
+        tok = _first_file(folder, ["tokenizer/tokenizer.json", "google/umt5-xxl/tokenizer.json", "tokenizer.json"])
+        enc = _first_file(folder, ["text_encoder", WAN_T5_FILE])
+        lost = [w for w, f in (("tokenizer.json (tokenizer/ or google/umt5-xxl/)", tok),
+                               (f"encoder weights (text_encoder/ or {WAN_T5_FILE})", enc)) if f is None]
+        if lost:
+            raise FileNotFoundError(f"{folder}: missing {' and '.join(lost)}; download them from {WHERE_TO_GET}")
+        return cls(Tokenizer(tok, text_len), load_t5_encoder(enc, dtype=dtype, device=device))
