@@ -1,0 +1,591 @@
+"""The Wan2.1 causal video VAE, written from scratch.
+
+Pixels [B, 3, 1 + 4k, H, W] in [-1, 1] <-> latents [B, 16, 1 + k, H/8, W/8]: 8x spatial, 4x temporal, causal in time.
+Every temporal convolution looks only at the past, so a video can be decoded chunk by chunk with a small
+per-stream cache (the last 2 input frames of each temporal conv) and give exactly the whole-video result:
+`vae.stream_decoder()` is what the streaming generator uses. The latents seen by the DiT are normalised,
+z = (mu - mean) / std; `encode` returns and `decode` takes that normalised z.
+Module names are those of Wan's `Wan2.1_VAE.pth`, so that file loads as a strict copy; the Diffusers layout
+(`vae/diffusion_pytorch_model.safetensors`) is renamed through one table (`diffusers_to_wan_table`).
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import CheckpointError  # one error type for every loader
+
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WHERE_TO_GET = "Hugging Face repos Wan-AI/Wan2.1-T2V-1.3B (Wan2.1_VAE.pth) or Wan-AI/Wan2.1-T2V-1.3B-Diffusers (vae/)"
+
+# Per-channel statistics of Wan2.1 latent means: the DiT sees z = (mu - mean) / std.
+WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
+WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class VAEConfig:
+    base_dim: int = 96  # channels of the first encoder stage / last decoder stage
+    z_dim: int = 16  # latent channels
+    dim_mult: list = field(default_factory=lambda: [1, 2, 4, 4])  # channels of stage i = base_dim * dim_mult[i]
+    num_res_blocks: int = 2  # per encoder stage (the decoder has one more per stage)
+    temporal_downsample: list = field(default_factory=lambda: [False, True, True])  # per encoder downsample
+    latents_mean: list = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
+    latents_std: list = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+
+    def __post_init__(self):
+        self.dim_mult = [int(m) for m in self.dim_mult]
+        self.temporal_downsample = [bool(t) for t in self.temporal_downsample]
+        self.latents_mean = [float(v) for v in self.latents_mean]
+        self.latents_std = [float(v) for v in self.latents_std]
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"temporal_downsample needs {len(self.dim_mult) - 1} entries (one per downsample), "
+                             f"got {self.temporal_downsample}")
+        if not len(self.latents_mean) == len(self.latents_std) == self.z_dim:
+            raise ValueError(f"latents_mean / latents_std need z_dim={self.z_dim} entries, "
+                             f"got {len(self.latents_mean)} / {len(self.latents_std)}")
+
+    @property
+    def temporal_stride(self):  # 4 for Wan2.1
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_stride(self):  # 8 for Wan2.1
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+VAE_PRESETS = {
+    "wan2.1": VAEConfig(),
+    # CPU-sized; unequal multipliers so that shortcut convs and the decoder's channel halving are exercised
+    "tiny": VAEConfig(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+}
+
+# ----------------------------------------------------------------------------- causal cache
+
+
+class CausalCache:
+    """The state one video stream carries from one call to the next; owned by the caller.
+
+    frames[m]: for a temporal conv m with kernel k, its last k - 1 input frames [B, C, k-1, H, W] (zeros before the
+               video started); for a temporal Downsample, the last frame [B, C, 1, h, w] that reached its time_conv.
+    started:   the temporal Upsample / Downsample modules that have already let the video's first frame through.
+    Every entry has a fixed size, so the cache does not grow with the number of calls.
+    """
+
+    def __init__(self):
+        self.frames = {}
+        self.started = set()
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d, causal in time: the k_t - 1 frames before the input come from the cache (zeros at the start).
+
+    Spatial padding is symmetric ("same"); no temporal padding ever comes from the future.
+    """
+
+    def __init__(self, in_dim, out_dim, kernel_size):
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_dim, out_dim, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
+        self.past = kt - 1  # history frames needed: 2 for k_t = 3, 0 for 1x1x1 convs
+
+    def forward(self, x, cache=None):
+        # x: [B, C_in, T, H, W] -> [B, C_out, T, H, W]
+        if self.past:
+            past = cache.frames.get(self) if cache is not None else None
+            if past is None:  # start of the video: the past is zeros
+                past = x.new_zeros(*x.shape[:2], self.past, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)  # [B, C_in, past + T, H, W]
+            if cache is not None:
+                cache.frames[self] = x[:, :, -self.past:].clone()  # clone: do not keep the whole input alive
+        return super().forward(x)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_channels * sqrt(C) * gamma, over dim 1 (no eps-under-the-root, no bias, no mean removal)."""
+
+    def __init__(self, dim, images=False):
+        super().__init__()
+        # gamma [C, 1, 1, 1] for video tensors [B, C, T, H, W]; [C, 1, 1] for image tensors [B, C, H, W]
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+        self.scale = dim**0.5
+
+    def forward(self, x):
+        # normalise in fp32 when x is half precision; same shape out
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.normalize(xf, dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """RMS, SiLU, conv3, RMS, SiLU, (dropout), conv3, plus a 1x1x1 shortcut conv when the channels change."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        # indices 0, 2, 3, 6 hold the parameters, as in the checkpoint (index 5 was dropout, p = 0 in Wan)
+        self.residual = nn.ModuleList([
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3),
+            RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3),
+        ])  # fmt: skip
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, cache):
+        # x: [B, C_in, T, H, W] -> [B, C_out, T, H, W]
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame separately, with a residual."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, cache=None):  # frames are independent: nothing to cache
+        # x: [B, C, T, H, W] -> same
+        B, C, T, H, W = x.shape
+        h = x.transpose(1, 2).reshape(B * T, C, H, W)
+        qkv = self.to_qkv(self.norm(h))  # [BT, 3C, H, W], channels ordered q | k | v
+        q, k, v = qkv.reshape(B * T, 3, C, H * W).transpose(2, 3).unbind(1)  # each [BT, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v)  # [BT, HW, C]
+        h = self.proj(h.transpose(1, 2).reshape(B * T, C, H, W))  # [BT, C, H, W]
+        return x + h.reshape(B, T, C, H, W).transpose(1, 2)
+
+
+class Upsample(nn.Module):
+    """2x spatial upsampling (nearest, then conv3x3 halving the channels); optionally 2x temporal.
+
+    Temporal (time_conv): a causal (3,1,1) conv C -> 2C whose two halves become frames 2t and 2t+1. The video's very
+    first frame skips it (1 frame in, 1 out); the frames after it go through time_conv as a fresh causal sequence.
+    So T latent frames become 1 + 2(T - 1), whether they arrive all at once or one by one.
+    """
+
+    def __init__(self, dim, temporal):
+        super().__init__()
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+        )
+        if temporal:
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1))
+        self.temporal = temporal
+
+    def forward(self, x, cache):
+        # x: [B, C, T, H, W] -> [B, C/2, T', 2H, 2W]; T' = 2T (temporal), 2T - 1 (temporal, first call), T (spatial)
+        B, C = x.shape[:2]
+        if self.temporal:
+            first = x[:, :, :0]
+            if self not in cache.started:  # the video's first frame passes through unchanged
+                cache.started.add(self)
+                first, x = x[:, :, :1], x[:, :, 1:]
+            if x.shape[2] > 0:
+                T, H, W = x.shape[2:]
+                x = self.time_conv(x, cache).reshape(B, 2, C, T, H, W)  # [B, 2, C, T, H, W]
+                x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # frame 2t <- half 0, 2t+1 <- half 1
+            x = torch.cat([first, x], dim=2)
+        T, H, W = x.shape[2:]
+        x = self.resample(x.transpose(1, 2).reshape(B * T, C, H, W))  # per frame: [BT, C/2, 2H, 2W]
+        return x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
+
+
+class Downsample(nn.Module):
+    """2x spatial downsampling (zero-pad right/bottom, conv3x3 stride 2); optionally 2x temporal.
+
+    Temporal (time_conv): a (3,1,1) conv with stride 2 and no padding. The video's first frame passes through alone
+    and then serves as the history: output frames are y_0 = x_0, y_k = conv(x_{2k-2}, x_{2k-1}, x_{2k}). Every call
+    after the first frame must bring an even number of frames (the encoder feeds 1, then groups of 4).
+    """
+
+    def __init__(self, dim, temporal):
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if temporal:
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        self.temporal = temporal
+
+    def forward(self, x, cache):
+        # x: [B, C, T, H, W] -> [B, C, T', H/2, W/2]; T' = T/2 (temporal), (T + 1)/2 (temporal, first call), T
+        B, C, T, H, W = x.shape
+        x = self.resample(x.transpose(1, 2).reshape(B * T, C, H, W))  # [BT, C, H/2, W/2]
+        x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)  # [B, C, T, H/2, W/2]
+        if not self.temporal:
+            return x
+        first = x[:, :, :0]
+        if self not in cache.started:  # the video's first frame passes through and becomes the history
+            cache.started.add(self)
+            first, x = x[:, :, :1], x[:, :, 1:]
+            cache.frames[self] = first.clone()
+        if x.shape[2] % 2:
+            raise ValueError(f"temporal downsampling needs an even number of frames after the first, got {x.shape[2]}")
+        if x.shape[2] > 0:
+            x = torch.cat([cache.frames[self], x], dim=2)  # [B, C, 1 + 2n, h, w]
+            cache.frames[self] = x[:, :, -1:].clone()
+            x = self.time_conv(x)  # [B, C, n, h, w]
+        return torch.cat([first, x], dim=2)
+
+
+# ----------------------------------------------------------------------------- encoder / decoder
+
+
+def _middle(dim):
+    return nn.ModuleList([ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim)])
+
+
+def _head(dim, out_dim):  # norm, SiLU, conv (indices 0 and 2 hold the parameters)
+    return nn.ModuleList([RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3)])
+
+
+class Encoder(nn.Module):
+    """Pixels [B, 3, T, H, W] -> moments [B, 2 z_dim, T', H/8, W/8] (mu | logvar before the top-level conv1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in [1, *cfg.dim_mult]]  # e.g. 96, 96, 192, 384, 384
+        self.conv1 = CausalConv3d(3, dims[0], 3)
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Downsample(out_dim, temporal=cfg.temporal_downsample[i]))
+        self.downsamples = nn.ModuleList(blocks)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], 2 * cfg.z_dim)
+
+    def forward(self, x, cache=None):
+        # cache=None: x is a whole video; otherwise x continues the stream that `cache` belongs to
+        cache = CausalCache() if cache is None else cache
+        x = self.conv1(x, cache)  # [B, base_dim, T, H, W]
+        for block in [*self.downsamples, *self.middle]:
+            x = block(x, cache)
+        norm, act, conv = self.head
+        return conv(act(norm(x)), cache)
+
+
+class Decoder(nn.Module):
+    """Latents (un-normalised, after the top-level conv2) [B, z_dim, T, h, w] -> pixels [B, 3, T', 8h, 8w]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in [mult[-1], *mult[::-1]]]  # e.g. 384, 384, 384, 192, 96
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
+        self.middle = _middle(dims[0])
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's Upsample halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(mult) - 1:
+                blocks.append(Upsample(out_dim, temporal=temporal_upsample[i]))
+        self.upsamples = nn.ModuleList(blocks)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, x, cache=None):
+        # cache=None: x is a whole video; otherwise x continues the stream that `cache` belongs to
+        cache = CausalCache() if cache is None else cache
+        x = self.conv1(x, cache)  # [B, C, T, h, w]
+        for block in [*self.middle, *self.upsamples]:
+            x = block(x, cache)
+        norm, act, conv = self.head
+        return conv(act(norm(x)), cache)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+class WanVAE(nn.Module):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg if cfg is not None else VAEConfig()
+        self.encoder = Encoder(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # "quant conv": encoder output -> mu | logvar
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # "post-quant conv": latent -> decoder input
+        self.decoder = Decoder(cfg)
+
+    def _stats(self, like):
+        # per-channel mean, std as [1, z_dim, 1, 1, 1] on like's device and dtype
+        mean = torch.tensor(self.cfg.latents_mean, device=like.device, dtype=like.dtype)
+        std = torch.tensor(self.cfg.latents_std, device=like.device, dtype=like.dtype)
+        return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+
+    def encode(self, x):
+        """Pixels [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latent means [B, z_dim, 1 + k, H/8, W/8]."""
+        ts, ss = self.cfg.temporal_stride, self.cfg.spatial_stride
+        B, C, T, H, W = x.shape
+        if C != 3 or (T - 1) % ts or H % ss or W % ss:
+            raise ValueError(
+                f"encode expects [B, 3, 1 + {ts}k, H, W] with H, W multiples of {ss}; got {tuple(x.shape)}"
+            )
+        # the reference schedule: the first frame alone, then groups of 4 frames, through one cache
+        cache = CausalCache()
+        chunks = [x[:, :, :1]] + [x[:, :, t : t + ts] for t in range(1, T, ts)]
+        h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # [B, 2 z_dim, 1 + k, H/8, W/8]
+        mu = self.conv1(h)[:, : self.cfg.z_dim]  # the log-variance half is not needed
+        mean, std = self._stats(mu)
+        return (mu - mean) / std
+
+    def decode(self, z, frames_per_pass=1):
+        """Normalised latents [B, z_dim, F, h, w] -> pixels [B, 3, 1 + 4(F - 1), 8h, 8w] in [-1, 1]."""
+        return self.stream_decoder(frames_per_pass)(z)
+
+    def stream_decoder(self, frames_per_pass=1):
+        """A fresh StreamDecoder: call it on consecutive latent chunks of one video."""
+        return StreamDecoder(self, frames_per_pass)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, cfg=None):
+        """Load Wan2.1_VAE.pth, a Diffusers vae/ folder, a .safetensors file, or a folder holding one of these.
+
+        The config comes from Diffusers' config.json where there is one, else from the tensor shapes (`cfg`, if
+        given, overrides both); the checkpoint must then match the model exactly.
+        """
+        return _load(cls, path, dtype=dtype, device=device, cfg=cfg)
+
+
+class StreamDecoder:
+    """Decodes one video chunk by chunk: dec(z_chunk) -> the pixel frames of that chunk.
+
+    z_chunk: normalised latents [B, z_dim, f, h, w], any f >= 1. The first call returns 1 + 4(f - 1) frames, later
+    calls 4f; the concatenation equals vae.decode of the whole video. The decoder runs `frames_per_pass` latent frames
+    at a time (1 = the reference algorithm, lowest memory); every choice gives the same result.
+    Under autograd the cached frames keep their graph alive: decode long streams under no_grad / inference_mode.
+    """
+
+    def __init__(self, vae, frames_per_pass=1):
+        if frames_per_pass < 1:
+            raise ValueError(f"frames_per_pass must be >= 1, got {frames_per_pass}")
+        self.vae, self.frames_per_pass = vae, frames_per_pass
+        self.cache = CausalCache()
+
+    def reset(self):
+        """Forget the stream: the next call starts a new video."""
+        self.cache = CausalCache()
+
+    def __call__(self, z):
+        vae = self.vae
+        if z.dim() != 5 or z.shape[1] != vae.cfg.z_dim or z.shape[2] < 1:
+            raise ValueError(f"expected latents [B, {vae.cfg.z_dim}, f >= 1, h, w], got {tuple(z.shape)}")
+        mean, std = vae._stats(z)
+        x = vae.conv2(z * std + mean)  # [B, z_dim, f, h, w]
+        n = self.frames_per_pass
+        out = [vae.decoder(x[:, :, i : i + n], self.cache) for i in range(0, x.shape[2], n)]
+        return torch.cat(out, dim=2).clamp(-1.0, 1.0)  # [B, 3, (1 +) 4f (- 4), 8h, 8w]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+
+def diffusers_to_wan_table(num_res_blocks):
+    """The one rename table: (regex on a Diffusers key, replacement), applied in order to every key.
+
+    Block-internal names go first (Diffusers' resnet conv1/conv2 must not meet the renamed top-level conv1/conv2).
+    The decoder's flat index is (num_res_blocks + 2) * stage + r: num_res_blocks + 1 resnets, then the upsampler.
+    """
+    per_stage = num_res_blocks + 2
+    return [
+        (r"\.norm1\.gamma$", ".residual.0.gamma"),
+        (r"\.conv1\.(weight|bias)$", r".residual.2.\1"),
+        (r"\.norm2\.gamma$", ".residual.3.gamma"),
+        (r"\.conv2\.(weight|bias)$", r".residual.6.\1"),
+        (r"\.conv_shortcut\.", ".shortcut."),
+        (r"^quant_conv\.", "conv1."),
+        (r"^post_quant_conv\.", "conv2."),
+        (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
+        (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
+        (r"^encoder\.down_blocks\.", "encoder.downsamples."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+         lambda m: f"decoder.upsamples.{per_stage * int(m[1]) + int(m[2])}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"decoder.upsamples.{per_stage * int(m[1]) + per_stage - 1}."),
+    ]  # fmt: skip
+
+
+_DIFFUSERS_KEY = re.compile(  # a key only the Diffusers layout has
+    r"^((encoder|decoder)\.(conv_in|mid_block|down_blocks|up_blocks|norm_out|conv_out)|(post_)?quant_conv)\."
+)
+
+
+def _rename_diffusers(names):
+    """Diffusers key -> our key, for every key (keys already in our layout pass unchanged)."""
+    resnets = {int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))}
+    table = diffusers_to_wan_table(num_res_blocks=max(len(resnets) - 1, 0))
+    out = {}
+    for k in names:
+        new = k
+        for pattern, repl in table:
+            new = re.sub(pattern, repl, new)
+        out[k] = new
+    return out
+
+
+def _find_checkpoint(path):
+    """-> (checkpoint file, Diffusers config.json or None)."""
+    p = Path(path)
+    expected = (f"{WAN_VAE_FILE}, a Diffusers vae/ folder (config.json + diffusion_pytorch_model.safetensors), "
+                f"a .safetensors file, or a folder containing one of these; get them from {WHERE_TO_GET}")
+    if not p.exists():
+        raise FileNotFoundError(f"Wan VAE checkpoint path {p} does not exist; expected {expected}")
+    if p.is_file():
+        if p.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
+            raise CheckpointError(f"{p}: not a checkpoint file; expected {expected}")
+        return p, _vae_config_beside(p) if p.suffix == ".safetensors" else None
+    for folder in (p, p / "vae"):
+        if (folder / WAN_VAE_FILE).is_file():
+            return folder / WAN_VAE_FILE, None
+        st = folder / "diffusion_pytorch_model.safetensors"
+        # a Wan root folder also holds the DiT's diffusion_pytorch_model.safetensors: use it only with a VAE config
+        if st.is_file() and (_vae_config_beside(st) is not None or not (folder / "config.json").exists()):
+            return st, _vae_config_beside(st)
+    raise FileNotFoundError(f"no Wan VAE checkpoint found in folder {p}; expected {expected}")
+
+
+def _vae_config_beside(file):
+    cfg = file.parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from e
+    is_vae = isinstance(d, dict) and (d.get("_class_name") == "AutoencoderKLWan" or {"base_dim", "z_dim"} <= d.keys())
+    return cfg if is_vae else None
+
+
+def _open_tensors(file):
+    """-> (names, shape(name) -> tuple, get(name) -> tensor); nothing is read in full (header only / mmap)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+            return list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{file}: not a readable torch checkpoint ({e}); expected a state dict like {WAN_VAE_FILE}"
+        ) from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: expected a flat {{name: tensor}} state dict like {WAN_VAE_FILE}, "
+                              f"got {type(sd).__name__}")
+    return list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__
+
+
+def _config_from_json(cfg_path):
+    d = json.loads(cfg_path.read_text())
+    if d.get("is_residual") or d.get("attn_scales") or d.get("patch_size") not in (None, 1) or \
+            d.get("decoder_base_dim") not in (None, d.get("base_dim")):  # fmt: skip
+        raise CheckpointError(f"{cfg_path}: not a Wan2.1 VAE config (is_residual / attn_scales / patch_size / "
+                              "decoder_base_dim are not supported; Wan2.2's VAE is a different model)")
+    default = VAEConfig()
+    return VAEConfig(
+        base_dim=d.get("base_dim", default.base_dim),
+        z_dim=d.get("z_dim", default.z_dim),
+        dim_mult=d.get("dim_mult", default.dim_mult),
+        num_res_blocks=d.get("num_res_blocks", default.num_res_blocks),
+        temporal_downsample=d.get("temperal_downsample", default.temporal_downsample),  # [sic] in Diffusers
+        latents_mean=d.get("latents_mean", default.latents_mean),
+        latents_std=d.get("latents_std", default.latents_std),
+    )
+
+
+def _infer_config(shapes, src):
+    """VAEConfig from the tensor shapes (our names): channels from the convs, stages from encoder.downsamples."""
+    for k in ("encoder.conv1.weight", "conv2.weight"):
+        if k not in shapes:
+            raise CheckpointError(f"{src}: missing key {k!r}, needed to infer the VAE size; is this a Wan2.1 VAE?")
+    base_dim, z_dim = shapes["encoder.conv1.weight"][0], shapes["conv2.weight"][0]
+    idx = sorted({int(m[1]) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
+    stage_dims, res_counts, temporal, count, out_dim = [], [], [], 0, None
+    for i in idx:
+        p = f"encoder.downsamples.{i}."
+        if p + "residual.2.weight" in shapes:  # a residual block: its output channels
+            count, out_dim = count + 1, shapes[p + "residual.2.weight"][0]
+        elif p + "resample.1.weight" in shapes and out_dim is not None:  # a downsample closes a stage
+            stage_dims.append(out_dim)
+            res_counts.append(count)
+            temporal.append(p + "time_conv.weight" in shapes)
+            count = 0
+        else:
+            raise CheckpointError(
+                f"{src}: cannot tell what encoder.downsamples.{i} is (no residual.2 or resample.1 weight)"
+            )
+    if not idx or count == 0 or len(set(res_counts + [count])) != 1:
+        raise CheckpointError(f"{src}: cannot infer the encoder stages from encoder.downsamples.* (blocks per stage: "
+                              f"{res_counts + [count]})")
+    stage_dims.append(out_dim)
+    if any(d % base_dim for d in stage_dims):
+        raise CheckpointError(f"{src}: stage widths {stage_dims} are not multiples of base_dim {base_dim}")
+    if z_dim != len(WAN21_LATENTS_MEAN):
+        raise CheckpointError(f"{src}: z_dim={z_dim}, so the Wan2.1 latent mean/std do not apply and the checkpoint "
+                              "holds none; pass cfg=VAEConfig(...)")
+    return VAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=[d // base_dim for d in stage_dims],
+                     num_res_blocks=count, temporal_downsample=temporal)
+
+
+def _listing(keys, n=5):
+    keys = sorted(keys)
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def _load(cls, path, dtype=None, device=None, cfg=None):
+    file, cfg_json = _find_checkpoint(path)
+    names, shape_of, get = _open_tensors(file)
+    renames = _rename_diffusers(names) if any(_DIFFUSERS_KEY.match(k) for k in names) else {k: k for k in names}
+    source = {ours: theirs for theirs, ours in renames.items()}  # our name -> name in the file
+    if len(source) != len(names):
+        raise CheckpointError(f"{file}: several keys map to the same name; mixed Wan and Diffusers layouts?")
+    shapes = {renames[k]: shape_of(k) for k in names}
+
+    if cfg is not None:
+        cfg_src = "config given by the caller"
+    elif cfg_json is not None:
+        cfg, cfg_src = _config_from_json(cfg_json), f"config from {cfg_json}"
+    else:
+        cfg, cfg_src = _infer_config(shapes, file), "config inferred from the tensor shapes"
+    with torch.device("meta"):
+        model = cls(cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = want.keys() - shapes.keys()
+    unexpected = [source[k] for k in shapes.keys() - want.keys()]
+    misshaped = [f"{source[k]}: file {list(shapes[k])} vs model {list(want[k])}"
+                 for k in want.keys() & shapes.keys() if shapes[k] != want[k]]  # fmt: skip
+    if missing or unexpected or misshaped:
+        fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample")
+        arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in fields)
+        raise CheckpointError(f"{file} does not match WanVAE({arch}; {cfg_src}): missing keys {_listing(missing)}; "
+                              f"unexpected keys {_listing(unexpected)}; mis-shaped keys {_listing(misshaped, 3)}")
+
+    state = {}
+    for theirs, ours in renames.items():  # convert each tensor as it is read
+        state[ours] = get(theirs).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
