@@ -1,0 +1,110 @@
+"""
+Configuration, nanoGPT style: every script has one dataclass of settings; the command line overrides it.
+
+    python train.py config/toy.py --lr=3e-4 --compile=true --out_dir out/toy
+    python sample.py --prompt "0:a glass on a table" --prompt "5:coffee pours into it"
+
+- A positional argument is a preset: a Python file (config/NAME.py) whose top-level assignments set fields.
+- `--key=value` or `--key value` sets one field, parsed by the field's type (bool: true/false/1/0/yes/no;
+  list fields collect every occurrence; None-able fields take `none`). An unknown key is an error that lists
+  close matches. `--help` prints the script's docstring and every field with its default and help text.
+- Help text comes from `field(metadata={"help": ...})`.
+"""
+
+import ast
+import dataclasses
+import difflib
+import sys
+import typing
+
+
+def _parse(name, tp, text):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(tp)):
+        if text.lower() == "none":
+            return None
+        return _parse(name, args[0], text)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} takes true or false, got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text) if tp is not int else int(text, 0)
+        except ValueError:
+            raise ValueError(f"--{name} takes {'an' if tp is int else 'a'} {tp.__name__}, got {text!r}") from None
+    if origin in (list, tuple) or tp in (list, tuple):
+        return _parse(name, args[0] if args else str, text)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _is_list(tp):
+    return typing.get_origin(tp) is list or tp is list
+
+
+def help_text(cfg, doc=""):
+    lines = [doc.strip(), "", "settings (--key=value; a preset file config/NAME.py may come first):"]
+    for f in dataclasses.fields(cfg):
+        default = getattr(cfg, f.name)
+        lines.append(f"  --{f.name}={default!r}" + (f"\n      {f.metadata['help']}" if "help" in f.metadata else ""))
+    return "\n".join(lines)
+
+
+def configure(cfg, argv=None, doc=""):
+    """Apply presets and overrides from argv (default sys.argv[1:]) to the dataclass instance cfg; returns cfg."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    seen_lists = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            print(help_text(cfg, doc))
+            sys.exit(0)
+        if not arg.startswith("--"):  # a preset file
+            try:
+                src = open(arg).read()
+            except OSError as err:
+                raise SystemExit(f"preset {arg!r}: cannot read it ({err.strerror}); presets live in config/*.py")
+            ns = {}
+            exec(compile(src, arg, "exec"), {}, ns)
+            for key, value in ns.items():
+                if key.startswith("_"):
+                    continue
+                if key not in fields:
+                    raise SystemExit(f"preset {arg}: unknown setting {key!r}")
+                setattr(cfg, key, value)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i >= len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            value = argv[i]
+            i += 1
+        key = key.replace("-", "_")
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            raise SystemExit(f"unknown setting --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else "")
+                             + " (--help lists them)")
+        tp = hints[key]
+        try:
+            parsed = _parse(key, tp, value)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        if _is_list(tp):
+            if key not in seen_lists:  # the first occurrence on the command line replaces the default list
+                setattr(cfg, key, [])
+                seen_lists.add(key)
+            getattr(cfg, key).append(parsed)
+        else:
+            setattr(cfg, key, parsed)
+    return cfg

@@ -1,0 +1,50 @@
+"""config.configure: presets, typed overrides, list fields, unknown keys."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from config import configure
+
+
+@dataclass
+class Cfg:
+    lr: float = 1e-3
+    steps: int = 10
+    compile: bool = False
+    name: str = "run"
+    window: Optional[int] = 9
+    prompt: list[str] = field(default_factory=lambda: ["default"], metadata={"help": "repeatable"})
+
+
+def test_overrides_are_typed(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("lr = 0.5\nsteps = 3 * 7\n_private = 1\n")
+    c = configure(Cfg(), [str(preset), "--steps=4", "--compile", "true", "--window=none", "--name", "x=y",
+                          "--prompt=0:a", "--prompt", "5:b"])
+    assert c.lr == 0.5 and c.steps == 4 and c.compile is True and c.window is None and c.name == "x=y"
+    assert c.prompt == ["0:a", "5:b"]
+    assert configure(Cfg(), []).prompt == ["default"]
+    assert configure(Cfg(), ["--window=0x10"]).window == 16
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown setting --stpes; did you mean --steps"):
+        configure(Cfg(), ["--stpes=3"])
+    with pytest.raises(SystemExit, match="--steps takes an int, got 'many'"):
+        configure(Cfg(), ["--steps=many"])
+    with pytest.raises(SystemExit, match="--compile takes true or false"):
+        configure(Cfg(), ["--compile=maybe"])
+    with pytest.raises(SystemExit, match="--lr needs a value"):
+        configure(Cfg(), ["--lr"])
+    (tmp_path / "bad.py").write_text("learning_rate = 1\n")
+    with pytest.raises(SystemExit, match="unknown setting 'learning_rate'"):
+        configure(Cfg(), [str(tmp_path / "bad.py")])
+    with pytest.raises(SystemExit, match="cannot read it"):
+        configure(Cfg(), ["config/nope.py"])
+    with pytest.raises(SystemExit) as e:
+        configure(Cfg(), ["--help"], doc="my script")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "my script" in out and "--prompt=['default']" in out and "repeatable" in out
