@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # config
@@ -229,10 +230,13 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e0, ctx_kv, rope, layer, cache=None, chunks=None):
+    def forward(self, x, e0, ctx, ctx_kv, rope, layer, cache=None, chunks=None):
         """x (B, F, T, D) fp32 residual stream; e0 (B, F, 6, D) fp32 per-frame time projection;
-        ctx_kv = this layer's cross-attention K, V (B, text_len, H, Dh)."""
+        ctx (B, text_len, D) embedded text, or ctx_kv = this layer's cached cross-attention K, V (B, text_len, H, Dh).
+        The K/V are computed here, inside the block, so that FSDP's per-block sharding sees its own parameters."""
         B, nF, T, D = x.shape
+        if ctx_kv is None:
+            ctx_kv = self.cross_attn.kv(ctx)
         mod = (self.modulation.float() + e0).unsqueeze(3)  # (B, F, 6, 1, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)  # (B, F, 1, D) each
         h = modulate(layer_norm(x, self.eps), shift_a, scale_a).flatten(1, 2)  # (B, F*T, D)
@@ -272,6 +276,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.grad_ckpt = False  # recompute each block in backward (not in streaming calls: the cache is mutable)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -347,11 +352,11 @@ class WanModel(nn.Module):
             t = t[:, ::pt]
         e, e0 = self.time_embed(t)  # (B, f, D), (B, f, 6, D)
 
-        # 3. text: cross-attention K/V per layer, from the context or from the streaming cache
+        # 3. text: embedded here (each block projects its own K/V), or the streaming cache's K/V per layer
         if context is not None:
-            ctx_k, ctx_v = self.cross_kv(context)
+            ctx, kvs = self.embed_text(context), [None] * len(self.blocks)
         elif cache is not None:
-            ctx_k, ctx_v = cache.ctx_k, cache.ctx_v
+            ctx, kvs = None, [(cache.ctx_k[i], cache.ctx_v[i]) for i in range(len(self.blocks))]
         else:
             raise ValueError("forward needs a context, or a cache holding a prompt's cross-attention K/V")
 
@@ -365,8 +370,12 @@ class WanModel(nn.Module):
         if chunk_frames is not None:
             chunks = (T, chunk_frames // pt, None if window_frames is None else window_frames // pt, sink_frames // pt)
 
+        ckpt = self.grad_ckpt and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, (ctx_k[i], ctx_v[i]), rope, i, cache, chunks)
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(block, x, e0, ctx, kvs[i], rope, i, None, chunks, use_reentrant=False)
+            else:
+                x = block(x, e0, ctx, kvs[i], rope, i, cache, chunks)
 
         # 5. head + unpatchify: channel index ((pt*ph + h)*pw + w)*out_dim + c, c fastest
         y = self.head(x, e).float()  # (B, f, T, pt*ph*pw*out)
