@@ -144,6 +144,7 @@ class SinkCache:
         With grad (training's exit step) the buffer gets a detached copy and the returned tensors are
         out-of-place, so the gradient reaches k and v while the cached context stays detached."""
         n = self.n_frames * self.T
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # under autocast the norms may hand back fp32
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             idx = self.write_idx.clone()  # autograd keeps the index; advance() rewrites write_idx in place
             self.k[layer].index_copy_(1, idx, k.detach())
@@ -193,7 +194,7 @@ class SinkCache:
 # the rollout
 
 
-def rollout(model, cache, num_chunks, *, timesteps=None, noise=None, exit_step=None, generator=None):
+def rollout(model, cache, num_chunks, *, context=None, timesteps=None, noise=None, exit_step=None, generator=None):
     """Autoregressive few-step generation, chunk by chunk; yields each chunk's clean latents
     (B, C_in, chunk_frames, h, w) as soon as they exist, so a caller can stream them out (or switch
     the prompt with cache.set_prompt between chunks).
@@ -201,6 +202,8 @@ def rollout(model, cache, num_chunks, *, timesteps=None, noise=None, exit_step=N
     Per chunk (paper §3.1, Self Forcing): start from noise, run the few-step schedule with FRESH noise
     between steps (x = (1 - s') x0 + s' eps'), then one more forward of the clean chunk at t = 0 that
     writes its K/V into the cache.
+    context: the prompt's text states, passed to every forward (training: works with DDP / FSDP wrappers, whose
+    parameters only exist inside forward); None uses the K/V cached by cache.set_prompt (sampling).
     timesteps: the student's warped schedule (default FlowMatch(5).timesteps() = 1000, 937.5, 833.3, 625).
     noise: optional (B, C_in, num_chunks * chunk_frames, h, w) initial noise; drawn per chunk otherwise.
     exit_step: training's stochastic truncation. Steps before it run without grad, the exit step keeps
@@ -222,11 +225,11 @@ def rollout(model, cache, num_chunks, *, timesteps=None, noise=None, exit_step=N
         for j in range(last + 1):
             t = torch.full((B,), ts[j], device=dev)
             with torch.set_grad_enabled(j == exit_step and torch.is_grad_enabled()):
-                v = model(x.to(dtype), t, cache=cache).float()
+                v = model(x.to(dtype), t, context, cache=cache).float()
                 x0 = fm.x0_from_v(x, v, ts[j])
             if j < last:
                 x = fm.add_noise(x0.detach(), randn(), ts[j + 1])
         with torch.no_grad():
-            model(x0.detach().to(dtype), torch.zeros(B, device=dev), cache=cache)
+            model(x0.detach().to(dtype), torch.zeros(B, device=dev), context, cache=cache)
         cache.keep_latents(x0.detach())
         yield x0
