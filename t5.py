@@ -327,6 +327,24 @@ class Tokenizer:
             if got is not None and got != want:
                 raise ValueError(f"{path}: {token} has id {got}, expected {want}")
 
+    @classmethod
+    def from_words(cls, words, text_len=512):
+        """A word-level tokenizer over `words` (ids: <pad> 0, </s> 1, <unk> 2, then the words in order), for toy
+        worlds and tests where a tiny random encoder stands in for umT5."""
+        import tempfile
+
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers
+
+        vocab = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": 2}
+        for w in words:
+            vocab.setdefault(w, len(vocab))
+        tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        with tempfile.TemporaryDirectory() as d:
+            tok.save(f"{d}/tokenizer.json")
+            return cls(f"{d}/tokenizer.json", text_len)
+
     def __call__(self, prompts):  # list[str] -> ids (B, text_len) long, mask (B, text_len) long
         if isinstance(prompts, str):
             prompts = [prompts]
