@@ -39,3 +39,58 @@ class FlowMatch:
         if torch.is_tensor(s):
             s = s.view(-1, *([1] * (x_t.dim() - 1)))
         return x_t - s * v
+
+    def sample_t(self, n, generator=None, device=None, t_min=20.0, t_max=980.0):
+        """DMD / critic timesteps: u ~ U[0, 1), t = 1000 k u / (1 + (k - 1) u), clamped to [t_min, t_max]. (n,)"""
+        u = torch.rand(n, generator=generator, device=device)
+        return (1000.0 * shift_sigma(u, self.shift)).clamp(t_min, t_max)
+
+    def trajectory(self, steps, shift=None):
+        """t of an Euler sampler: `steps` steps from 1000 down to 0, sigmas warped by `shift` (the teacher's ODE:
+        48 steps, shift 8). A list of steps + 1 floats ending at 0."""
+        k = self.shift if shift is None else shift
+        return [1000.0 * shift_sigma(1.0 - i / steps, k) for i in range(steps + 1)]
+
+
+def cfg(cond, uncond, scale):
+    """Classifier-free guidance: uncond + scale (cond - uncond). The released Re-DMD code writes the real score as
+    cond + 3 (cond - uncond), which is scale 4 here."""
+    return uncond + scale * (cond - uncond)
+
+
+def dmd_loss(x, x0_real, x0_fake, weight=None):
+    """Distribution matching (paper Eq. 1-2), rewarded when `weight` is given (Eq. 11).
+
+    x: the generator's samples (with grad); x0_real / x0_fake: the real (teacher, with CFG) and fake (critic)
+    x0 predictions from a noised copy of x (no grad). Per sample the DMD gradient is
+        g = (x0_fake - x0_real) / mean|x - x0_real|     (score difference, normalised per sample as in DMD)
+    and the loss 0.5 * ||x - sg(x - w g)||^2 / x.numel() has d loss / d x = w g / x.numel(). weight: (B,) or None."""
+    B = x.shape[0]
+    with torch.no_grad():
+        norm = (x - x0_real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(B, *([1] * (x.dim() - 1)))
+        g = torch.nan_to_num((x0_fake - x0_real) / norm)
+        if weight is not None:
+            g = g * weight.view(B, *([1] * (x.dim() - 1)))
+        target = x - g
+    return 0.5 * torch.nn.functional.mse_loss(x.float(), target.float(), reduction="sum") / x.numel()
+
+
+def reward_weight(r, beta=0.5, clip=None):
+    """Re-DMD's sample weight exp(r / beta) (paper Eq. 9-11; beta = 1/2 in the paper, the code writes exp(2 r)).
+    clip: clamp r to [-clip, clip] first. E[exp(2 z)] = e^2 for z ~ N(0, 1), so one outlier can dominate a batch:
+    clipping (or normalising the weights over the global batch, in train.py) tames that. beta = inf gives 1: DMD."""
+    if clip is not None:
+        r = r.clamp(-clip, clip)
+    if beta == float("inf"):
+        return torch.ones_like(r)
+    return torch.exp(r / beta)
+
+
+def critic_loss(v_fake, eps, x):
+    """The fake score's flow-matching loss on fresh generator samples x: mean (v - (eps - x))^2."""
+    return torch.nn.functional.mse_loss(v_fake.float(), (eps - x).float())
+
+
+def ode_loss(x0_pred, x0_target):
+    """ODE initialisation: regress the student's x0 prediction on the teacher's ODE end point."""
+    return torch.nn.functional.mse_loss(x0_pred.float(), x0_target.float())
