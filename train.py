@@ -45,6 +45,7 @@ class TrainConfig:
     model: str = field(default="tiny", metadata={"help": "WanModel preset for randomly initialised models (no --teacher)"})
     teacher: str = field(default="", metadata={"help": "bidirectional teacher checkpoint; empty: random init (tests)"})
     student: str = field(default="", metadata={"help": "student init; empty: the ODE stage's output if present, else the teacher"})
+    critic: str = field(default="", metadata={"help": "fake score init; empty: the teacher (with a 14B teacher, give the 1.3B base)"})
     text_encoder: str = field(default="", metadata={"help": "Wan2.1 folder with umT5; empty: a tiny random encoder over the prompts' words"})
     vae: str = field(default="", metadata={"help": "Wan2.1 VAE for the reward's pixels; empty: the latents are the video"})
     prompts: str = field(default="", metadata={"help": "text file, one prompt per line"})
@@ -535,7 +536,8 @@ def train_redmd(cfg, stage_dir):
     if not student_path and ode_out:
         student_path = os.path.join(ode_out, "generator.safetensors")
     student = load_model(student_path, cfg, "student (generator)") if student_path else copy.deepcopy(teacher)
-    critic = copy.deepcopy(teacher).requires_grad_(True).train()  # the fake score starts as the teacher
+    critic = load_model(cfg.critic, cfg, "critic (fake score)") if cfg.critic else copy.deepcopy(teacher)
+    critic.requires_grad_(True).train()  # the fake score starts as the teacher (or --critic)
     student.requires_grad_(True).train()
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     critic.grad_ckpt = cfg.grad_ckpt
