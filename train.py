@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"help": "compute dtype under autocast: auto (bf16 on CUDA), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend (aot_eager: quick checks)"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing of the bidirectional / chunk-causal forwards"})
     seed: int = field(default=0, metadata={"help": "all randomness derives from (seed, step, rank): resume is exact"})
     log_interval: int = field(default=1, metadata={"help": "iterations between log lines"})
@@ -156,7 +157,7 @@ def autocast(cfg):
 def wrap(model, cfg, trainable):
     """DDP for a trainable model (a frozen one stays replicated), or FSDP2 sharding per block for both."""
     if cfg.compile:
-        model.compile()
+        model.compile(backend=cfg.compile_backend)
     if WORLD == 1:
         return model
     if cfg.dist == "fsdp":

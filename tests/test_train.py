@@ -1,6 +1,7 @@
 """train.py end to end on tiny models: torchrun with DDP and FSDP2, exact resume, gradient accumulation, NaN stop."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -134,3 +135,12 @@ def test_bad_input_is_a_clear_error(tmp_path):
         train.main(["--num_frames=7"])
     with pytest.raises(SystemExit, match="--stage must be ode or redmd"):
         train.main(["--stage=sft"])
+
+
+def test_compile_and_bf16_autocast_run(tmp_path):
+    """--compile wires torch.compile into every model (aot_eager here: inductor takes minutes on a CPU), and bf16
+    autocast with gradient checkpointing trains."""
+    out = run(tiny(tmp_path, tmp_path / "c", "--stage=redmd", "--max_iters=2", "--compile=true", "--compile_backend=aot_eager"))
+    assert "gen_loss" in rows(tmp_path / "c" / "redmd" / "log.jsonl")[1]
+    run(tiny(tmp_path, tmp_path / "b", "--stage=redmd", "--max_iters=2", "--dtype=bfloat16", "--grad_ckpt=true"))
+    assert all(math.isfinite(r["critic_loss"]) for r in rows(tmp_path / "b" / "redmd" / "log.jsonl"))
