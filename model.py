@@ -57,6 +57,8 @@ PRESETS = {
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # CPU-sized: 4 heads of 16 channels, so the 3D RoPE split (8/4/4) is non-trivial
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
+    # the toy world's models (config/toy.py): RGB frames as latents, 24-channel heads (RoPE split 8/8/8)
+    "toy": WanConfig(dim=96, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=24, in_dim=3, out_dim=3),
 }
 
 # -----------------------------------------------------------------------------
@@ -436,6 +438,8 @@ PREFIXES = ["model.diffusion_model.", "model.", "_orig_mod.", "module."]
 
 # training checkpoints keep the generator under one of these keys; the first found wins
 GENERATOR_KEYS = ["generator_ema", "generator", "model", "state_dict"]
+# files of a train.py checkpoint folder, in order of preference when no key is given
+FOLDER_KEYS = ["generator_ema", "generator", "teacher_ema", "teacher"]
 
 # kept in fp32 whatever the load dtype: the time path and the modulation tables (as in Wan)
 FP32_PARAMS = re.compile(r"^(time_embedding|time_projection)\.|modulation$")
@@ -471,6 +475,8 @@ def load_state_dict_any(path, key=None):
       - a Diffusers directory (or its transformer/ subfolder), sharded with an index json
       - a .safetensors file (original or diffusers names; config in its metadata if we wrote it)
       - a .pt / .pth torch pickle: flat, or with the generator under 'generator_ema' / 'generator'
+      - a train.py checkpoint folder (or stage folder, through its `latest` pointer): generator_ema.safetensors
+        by default, `key` picks another file (generator, critic, teacher_ema, ...)
     with 'model.' / 'model.diffusion_model.' prefixes stripped."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -481,6 +487,9 @@ def load_state_dict_any(path, key=None):
     cfg_json = None
     sd = {}
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "latest")):  # a train.py stage folder: follow its latest checkpoint
+            with open(os.path.join(path, "latest")) as fh:
+                path = os.path.join(path, fh.read().strip())
         if os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
         names = os.listdir(path)
@@ -500,8 +509,14 @@ def load_state_dict_any(path, key=None):
                     f"{path}: no .safetensors weights found (expected diffusion_pytorch_model.safetensors, "
                     "or a sharded set with *.safetensors.index.json)"
                 )
-            for s in files:
-                _read_safetensors(os.path.join(path, s), sd)
+            # one file per model: never merge unrelated files. A training checkpoint holds several; `key` picks
+            wanted = [f"{k}.safetensors" for k in ([key] if key else ["diffusion_pytorch_model"] + FOLDER_KEYS)]
+            chosen = next((f for f in wanted if f in files), files[0] if len(files) == 1 and not key else None)
+            if chosen is None:
+                raise CheckpointError(f"{path}: holds {files}; pass key= with the one to load (e.g. key='generator_ema')")
+            meta = _read_safetensors(os.path.join(path, chosen), sd)
+            if cfg_json is None and "config" in meta:
+                cfg_json = json.loads(meta["config"])
         src = path
     elif path.endswith(".safetensors"):
         meta = _read_safetensors(path, sd)

@@ -303,3 +303,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
     assert grads[0]["blocks.0.self_attn.q.weight"].abs().sum() > 0
+
+
+def test_training_folders_pick_one_file(tiny_sd, tmp_path):
+    stage = tmp_path / "redmd"
+    ck = stage / "step_000004"
+    ck.mkdir(parents=True)
+    bumped = {k: v + 1 for k, v in tiny_sd.items()}
+    save_safetensors(tiny_sd, str(ck / "generator.safetensors"), PRESETS["tiny"])
+    save_safetensors(bumped, str(ck / "generator_ema.safetensors"), PRESETS["tiny"])
+    save_safetensors({k: v * 2 for k, v in tiny_sd.items()}, str(ck / "critic.safetensors"), PRESETS["tiny"])
+    (stage / "latest").write_text("step_000004")
+    w = "blocks.0.ffn.0.weight"
+    assert torch.equal(WanModel.from_pretrained(stage).state_dict()[w], bumped[w])  # latest -> generator_ema
+    assert torch.equal(WanModel.from_pretrained(ck, key="generator").state_dict()[w], tiny_sd[w])
+    assert torch.equal(WanModel.from_pretrained(ck, key="critic").state_dict()[w], 2 * tiny_sd[w])
+    other = tmp_path / "two"
+    other.mkdir()
+    save_safetensors(tiny_sd, str(other / "a.safetensors"))
+    save_safetensors(tiny_sd, str(other / "b.safetensors"))
+    with pytest.raises(CheckpointError, match=r"two: holds \['a.safetensors', 'b.safetensors'\]; pass key="):
+        WanModel.from_pretrained(other)
