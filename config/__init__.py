@@ -5,7 +5,8 @@ Configuration, nanoGPT style: every script has one dataclass of settings; the co
     python sample.py --prompt "0:a glass on a table" --prompt "5:coffee pours into it"
 
 - A positional argument is a preset: a Python file (config/NAME.py) whose top-level assignments set fields.
-- `--key=value` or `--key value` sets one field, parsed by the field's type (bool: true/false/1/0/yes/no;
+- `--key=value` or `--key value` sets one field, parsed by the field's type (bool: true/false/1/0/yes/no, or a
+  bare `--flag` for true;
   list fields collect every occurrence; None-able fields take `none`). An unknown key is an error that lists
   close matches. `--help` prints the script's docstring and every field with its default and help text.
 - Help text comes from `field(metadata={"help": ...})`.
@@ -85,12 +86,15 @@ def configure(cfg, argv=None, doc=""):
                 setattr(cfg, key, value)
             continue
         key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i >= len(argv):
-                raise SystemExit(f"--{key} needs a value")
-            value = argv[i]
-            i += 1
         key = key.replace("-", "_")
+        if not eq:
+            if key in hints and hints[key] is bool and (i >= len(argv) or argv[i].startswith("--")):
+                value = "true"  # a bare boolean flag: --compile
+            elif i >= len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            else:
+                value = argv[i]
+                i += 1
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3)
             raise SystemExit(f"unknown setting --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else "")

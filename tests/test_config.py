@@ -27,6 +27,10 @@ def test_overrides_are_typed(tmp_path):
     assert c.prompt == ["0:a", "5:b"]
     assert configure(Cfg(), []).prompt == ["default"]
     assert configure(Cfg(), ["--window=0x10"]).window == 16
+    c = configure(Cfg(), ["--compile", "--steps=2"])  # a bare boolean flag, followed by another setting
+    assert c.compile is True and c.steps == 2
+    assert configure(Cfg(), ["--steps=2", "--compile"]).compile is True  # ... or last
+    assert configure(Cfg(), ["--compile", "false"]).compile is False
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
