@@ -1,47 +1,538 @@
 """
-Streaming generation. PLACEHOLDER until the sampling issue lands: with no weights in the repository
-yet, this streams latent chunks from a tiny RANDOM WanModel through the EMA-Sink cache, so the whole
-streaming path (model.py + sink.py) runs end to end in seconds. It decodes nothing and the numbers it
-prints are not a video. The real sample.py (text encoder, VAE, mp4, prompt switching) replaces it.
+Streaming text-to-video with the Reward Forcing student: prompts -> umT5 -> EMA-Sink streaming DiT, chunk by chunk
+-> streaming VAE decode -> mp4, written while the next chunk is generated. Memory does not grow with the video length.
 
-    python sample.py                       # the embedded default: 20 chunks from the tiny random model
-    python sample.py --num_chunks=100 --mode=static
+    python sample.py                                              # embedded default: tiny RANDOM model, a few seconds
+    python sample.py --ckpt rewardforcing.pt --wan Wan2.1-T2V-1.3B --prompt "A cat surfs a wave" --num_frames 240
+    python sample.py --ckpt rewardforcing.pt --wan Wan2.1-T2V-1.3B \\
+        --prompt "0:An empty glass on a rustic wooden table" --prompt "5:Dark coffee streams into the empty glass"
+    python sample.py --ckpt ... --wan ... --interactive=true      # type a new prompt + Enter while it streams
+    python sample.py --ckpt ... --wan ... --prompts prompts.txt   # one video per line: out_000.mp4, out_001.mp4, ...
+
+A prompt "SECONDS:text" starts at that time (paper Fig. 7): it takes effect at the first chunk that starts at or after
+it (chunk k starts at pixel frame 1 + 4(3k - 1), i.e. 0, 9, 21, 33, ... at 16 fps). A switch replaces the
+cross-attention K/V; --recache=true also re-encodes the window's frames under the new prompt (LongLive's recache).
+Weights: --ckpt is the student (rewardforcing.pt from JaydenLu666/Reward-Forcing-T2V-1.3B, or its safetensors made by
+`python model.py convert`), --wan the Wan2.1-T2V-1.3B folder (text encoder, tokenizer, VAE); see README 'Weights'.
+Booleans take a value: --compile=true, --recache=true, --interactive=true.
 """
 
-import argparse
+import gc
+import math
+import os
+import queue
+import re
+import resource
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from model import PRESETS, WanModel
+from config import configure
+from model import PRESETS, CheckpointError, WanModel, param_dtype
 from sink import MODES, SinkCache, rollout
 
+STUDENT_WHERE = ("rewardforcing.pt from https://huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B "
+                 "(optionally `python model.py convert rewardforcing.pt rewardforcing.safetensors --dtype bfloat16`)")
+WAN_WHERE = ("the Wan2.1-T2V-1.3B folder from https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B "
+             "(or https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+# the paper's interactive example (Fig. 7)
+DEFAULT_SCHEDULE = ["0:An empty glass on a rustic wooden table", "5:Dark coffee streams into the empty glass"]
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_chunks", type=int, default=20, help="chunks of 3 latent frames to stream (default 20)")
-    p.add_argument("--mode", default="ema", choices=MODES, help="sink mode (default ema)")
-    p.add_argument("--alpha", type=float, default=0.999, help="EMA momentum of the sink (default 0.999)")
-    p.add_argument("--window_frames", type=int, default=9, help="attention window in latent frames, sink included")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the weights and the noise")
-    a = p.parse_args()
 
-    print("sample.py is a placeholder: a tiny RANDOM model streams latents through the EMA-Sink cache "
-          "(no weights, no decoding); see README 'Status'.")
-    torch.manual_seed(a.seed)
-    model = WanModel(PRESETS["tiny"]).eval()
-    cache = SinkCache(model, 1, 8, 8, mode=a.mode, alpha=a.alpha, window_frames=a.window_frames,
-                      max_frames=3 * a.num_chunks if a.mode == "full" else None)
-    cache.set_prompt(model, torch.randn(1, 8, model.cfg.text_dim))
-    t0 = time.perf_counter()
+def opt(default, help, factory=None):
+    """A config field with its --help text."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SampleConfig:
+    prompt: list[str] = opt(None, "a prompt, or 'SECONDS:prompt' to start it at that time; repeat for a schedule of "
+                                  "prompt switches (default: the paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)",
+                            factory=list)
+    prompts: str = opt("", "a text file, one prompt per line: one video each, OUT_000.mp4, OUT_001.mp4, ... "
+                           "(blank and # lines skipped)")
+    num_frames: int = opt(160, "pixel frames per video at --fps; the last chunk is cut to fit")
+    out: str = opt("out.mp4", "output mp4 path")
+    ckpt: str = opt("", "student checkpoint: rewardforcing.pt, its .safetensors, or any layout model.py loads "
+                        "(no --ckpt and no --wan: the embedded tiny random model)")
+    key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
+    wan: str = opt("", "Wan2.1-T2V-1.3B folder (original or Diffusers layout): umT5 encoder, tokenizer.json, VAE")
+    height: int = opt(0, "pixel height, a multiple of 16 (0: 480, or 64 for the tiny model)")
+    width: int = opt(0, "pixel width, a multiple of 16 (0: 832, or 64 for the tiny model)")
+    fps: int = opt(16, "frame rate of the mp4 and of the prompt start times (Wan: 16)")
+    seed: int = opt(0, "seed of the noise (the same for every video of --prompts)")
+    dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (bf16 on an accelerator, fp32 on CPU)")
+    device: str = opt("auto", "cpu, cuda, cuda:1, mps, ... | auto (the current accelerator, else cpu)")
+    compile: bool = opt(False, "torch.compile the DiT (fullgraph; one graph per window fill level, then none)")
+    backend: str = opt("inductor", "torch.compile backend (aot_eager checks the graphs without code generation)")
+    chunk_frames: int = opt(3, "latent frames per chunk (the student was trained with 3)")
+    window_frames: int = opt(9, "attention window in latent frames, sink and current chunk included")
+    sink_frames: int = opt(3, "sink frames (the first chunk becomes the sink)")
+    alpha: float = opt(0.999, "EMA momentum of the sink (paper Eq. 4-5)")
+    mode: str = opt("ema", f"cache mode: {' | '.join(MODES)} (paper Table 3)")
+    recache: bool = opt(False, "on a prompt switch also re-encode the window's frames under the new prompt")
+    interactive: bool = opt(False, "read new prompts from stdin while streaming; each line takes effect at the "
+                                   "next chunk")
+    warmup_chunks: int = opt(-1, "chunks left out of the FPS numbers (-1: until the window is full, when every "
+                                 "compiled graph exists)")
+    quality: int = opt(8, "mp4 quality 0-10 (imageio-ffmpeg, libx264)")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype takes float32, bfloat16, float16 or auto, got {name!r}")
+    return getattr(torch, name)
+
+
+def sync(device):
+    """Wait for the device's queued work: only for measurements (the hot loop has no other sync)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
+
+
+def rss_mb():
+    """Resident set size of this process in MB (Linux /proc; the peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb():
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10  # bytes on macOS, KiB on Linux
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"peak device memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB allocated, "\
+               f"peak process RSS {peak_rss_mb():.0f} MB"
+    return f"peak process RSS {peak_rss_mb():.0f} MB"
+
+
+def cast_like_wan(model, dtype):
+    """Cast a freshly built WanModel as from_pretrained does: the time path and the modulation tables stay fp32."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(param_dtype(name, p.data, dtype))
+    return model
+
+
+def pixel_frames(latent_frames, temporal_stride=4):
+    """Pixel frames the causal VAE gives for this many latent frames: 1 + 4(F - 1)."""
+    return 0 if latent_frames <= 0 else 1 + temporal_stride * (latent_frames - 1)
+
+
+def chunk_start_frame(k, chunk_frames=3, temporal_stride=4):
+    """First pixel frame of chunk k = the pixel frames of chunks 0..k-1 (0, 9, 21, 33, ... for 3-frame chunks)."""
+    return pixel_frames(k * chunk_frames, temporal_stride)
+
+
+def chunks_for(num_frames, chunk_frames=3, temporal_stride=4):
+    """Chunks needed for at least num_frames pixel frames."""
+    latent = math.ceil((num_frames - 1) / temporal_stride) + 1
+    return math.ceil(latent / chunk_frames)
+
+
+def chunk_at(seconds, fps, chunk_frames=3, temporal_stride=4):
+    """The chunk a prompt starting at `seconds` takes effect at: the first chunk starting at or after that time."""
+    frame = round(seconds * fps)
+    k = 0
+    while chunk_start_frame(k, chunk_frames, temporal_stride) < frame:
+        k += 1
+    return k
+
+
+def parse_schedule(entries):
+    """['0:text', '5:other', 'plain'] -> sorted [(seconds, text)]. A prompt without 'SECONDS:' starts at 0."""
+    out = []
+    for e in entries:
+        m = re.match(r"^\s*(\d+(?:\.\d*)?)\s*:(.*)$", e, re.S)
+        sec, text = (float(m.group(1)), m.group(2).strip()) if m else (0.0, e.strip())
+        if not text:
+            raise SystemExit(f"--prompt {e!r}: empty prompt")
+        out.append((sec, text))
+    out.sort(key=lambda p: p[0])
+    if not out:
+        raise SystemExit("no prompt given")
+    if out[0][0] != 0:
+        raise SystemExit(f"the first prompt starts at {out[0][0]:g} s: one must start at 0 ('0:text', or no time)")
+    starts = [s for s, _ in out]
+    if len(set(starts)) != len(starts):
+        raise SystemExit(f"two prompts start at the same time ({starts}); give each its own 'SECONDS:'")
+    return out
+
+
+# ----------------------------------------------------------------------------- the mp4 writer
+
+
+class Mp4Stream:
+    """Appends frames to an mp4 from a background thread, so encoding overlaps the next chunk's generation.
+    The queue holds at most 2 chunks: a slow disk slows the stream down instead of growing memory."""
+
+    def __init__(self, path, fps, quality=8):
+        import imageio.v2 as imageio
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # macro_block_size 1: keep the size as is (ours are multiples of 16 anyway; libx264 needs even sizes)
+        self.writer = imageio.get_writer(str(path), fps=fps, codec="libx264", quality=quality, macro_block_size=1,
+                                         pixelformat="yuv420p")
+        self.q = queue.Queue(maxsize=2)
+        self.frames, self.error = 0, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue  # drain, so put() never blocks on a dead writer
+            try:
+                for frame in item:
+                    self.writer.append_data(frame)
+                    self.frames += 1
+            except Exception as err:  # reported by put() / close() in the main thread
+                self.error = err
+
+    def put(self, frames):
+        """frames: uint8 numpy [f, H, W, 3]."""
+        if self.error is not None:
+            raise RuntimeError(f"writing the mp4 failed: {self.error}") from self.error
+        self.q.put(frames)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        self.writer.close()
+        if self.error is not None:
+            raise RuntimeError(f"writing the mp4 failed: {self.error}") from self.error
+
+
+def to_uint8(frames):
+    """[1, 3, f, H, W] in [-1, 1] -> numpy uint8 [f, H, W, 3]. The .cpu() waits for the chunk: the pixels must reach
+    the host to be written (the one per-chunk sync of the stream)."""
+    x = ((frames[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+TINY_WORDS = (
+    "a an the of on in into with and at to from by is are its over under near through while as it this that "
+    "empty glass rustic wooden table dark coffee streams pours cup mug water milk tea wine light shadow sun sunset "
+    "cat dog bird fish horse man woman child people person hand face eyes hair walks runs jumps flies swims sits "
+    "stands dances smiles looks turns falls rises opens closes red blue green yellow white black orange purple "
+    "golden silver small big old young slow fast bright calm quiet city street road car train boat sea ocean wave "
+    "beach river lake mountain forest tree flower grass sky cloud rain snow fire smoke night day morning evening "
+    "room window door house kitchen garden camera close-up view shot slowly quickly gently surfing wave cinematic"
+).split()
+
+
+def tiny_tokenizer_json(path):
+    """A word-level tokenizer.json for the tiny T5 (<pad> 0, </s> 1, <unk> 2, lower-cased words), built in memory."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in TINY_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return len(vocab)
+
+
+def load_tiny(device, dtype):
+    """The embedded default: a tiny DiT, umT5 and VAE with RANDOM weights (seed 0), for exercising the pipeline."""
+    from t5 import T5_PRESETS, T5Config, T5Encoder, TextEncoder, Tokenizer
+    from vae import VAE_PRESETS, WanVAE
+
+    torch.manual_seed(0)
+    model = cast_like_wan(WanModel(PRESETS["tiny"]).to(device), dtype).eval()
+    t5cfg = T5Config(**{**vars(T5_PRESETS["tiny"]), "dim": model.cfg.text_dim, "text_len": model.cfg.text_len})
+    with tempfile.TemporaryDirectory() as tmp:
+        n = tiny_tokenizer_json(Path(tmp) / "tokenizer.json")
+        assert n <= t5cfg.vocab, "tiny vocabulary larger than the tiny T5's embedding"
+        tok = Tokenizer(Path(tmp) / "tokenizer.json", text_len=model.cfg.text_len)
+    te = TextEncoder(tok, T5Encoder(t5cfg)).to(device=device, dtype=dtype).eval()
+    vae = WanVAE(VAE_PRESETS["tiny"]).to(device=device, dtype=dtype).eval()
+    return model, te, vae
+
+
+WAN_FILES = [  # (what, accepted paths inside the Wan folder: original layout first, then Diffusers)
+    ("tokenizer", ["google/umt5-xxl/tokenizer.json", "tokenizer/tokenizer.json", "tokenizer.json"]),
+    ("umT5 text encoder", ["models_t5_umt5-xxl-enc-bf16.pth", "text_encoder"]),
+    ("VAE", ["Wan2.1_VAE.pth", "vae"]),
+]
+
+
+def check_weights(cfg):
+    """Fail early, naming every missing file and where to get it."""
+    if not cfg.ckpt:
+        raise SystemExit(f"--wan is given but not --ckpt: the student checkpoint is {STUDENT_WHERE}")
+    if not cfg.wan:
+        raise SystemExit(f"--ckpt is given but not --wan: the text encoder, tokenizer and VAE come from {WAN_WHERE}")
+    if not os.path.exists(cfg.ckpt):
+        raise SystemExit(f"--ckpt {cfg.ckpt}: no such file. The student checkpoint is {STUDENT_WHERE}")
+    wan = Path(cfg.wan)
+    if not wan.is_dir():
+        raise SystemExit(f"--wan {cfg.wan}: no such folder. It is {WAN_WHERE}")
+    missing = [f"{what} ({' or '.join(names)})" for what, names in WAN_FILES
+               if not any((wan / n).exists() for n in names)]
+    if missing:
+        raise SystemExit(f"--wan {cfg.wan}: missing {'; '.join(missing)}. Get them from {WAN_WHERE}")
+
+
+def load_real(cfg, device, dtype):
+    from t5 import TextEncoder
+    from vae import WanVAE
+
+    check_weights(cfg)
+    step = "student DiT"
+    try:
+        model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
+        step = "text encoder"
+        te = TextEncoder.from_pretrained(cfg.wan, dtype=dtype, device=device, text_len=model.cfg.text_len)
+        step = "VAE"
+        vae = WanVAE.from_pretrained(cfg.wan, dtype=dtype, device=device)
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
+        where = STUDENT_WHERE if step == "student DiT" else WAN_WHERE
+        raise SystemExit(f"loading the {step} failed: {err}\nExpected {where}") from None
+    if te.encoder.cfg.dim != model.cfg.text_dim:
+        raise SystemExit(f"the text encoder's width {te.encoder.cfg.dim} != the DiT's text_dim {model.cfg.text_dim}")
+    if vae.cfg.z_dim != model.cfg.in_dim:
+        raise SystemExit(f"the VAE's z_dim {vae.cfg.z_dim} != the DiT's in_dim {model.cfg.in_dim}")
+    return model, te, vae
+
+
+# ----------------------------------------------------------------------------- streaming one video
+
+
+def stdin_lines():
+    """A queue filled with the stripped non-empty lines of stdin by a daemon thread (interactive prompts)."""
+    q = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            if line.strip():
+                q.put(line.strip())
+
+    threading.Thread(target=read, daemon=True).start()
+    return q
+
+
+def encode_schedule(te, schedule, device, dtype):
+    """[(seconds, text)] -> [(seconds, text, context [1, text_len, dim] on the device)]."""
     with torch.inference_mode():
-        for x0 in tqdm(rollout(model, cache, a.num_chunks), total=a.num_chunks, desc="chunks"):
-            pass
-    dt = time.perf_counter() - t0
-    print(f"streamed {cache.frames} latent frames in {dt:.2f} s ({cache.frames / dt:.1f} latent frames/s); "
-          f"cache {cache.nbytes() / 1e6:.2f} MB, RoPE positions {cache.k_fpos[:cache.n_frames].tolist()}, "
-          f"last chunk mean {x0.mean():.4f} std {x0.std():.4f}")
+        return [(sec, text, te([text]).to(device=device, dtype=dtype)) for sec, text in schedule]
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompts=None, on_chunk=None, log=print):
+    """Generate one video chunk by chunk and append its frames to `out` as they are decoded.
+
+    prompts: [(seconds, text, context)] sorted by time, the first at 0 (see encode_schedule). new_prompts: a queue
+    of prompt texts taking effect at the next chunk (interactive; needs the text encoder te). on_chunk(k, cache, x0,
+    frames): called after chunk k (tests). Returns a dict of numbers for report()."""
+    from tqdm import tqdm
+
+    dit = model if dit is None else dit
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    C, ts, ss = cfg.chunk_frames, vae.cfg.temporal_stride, vae.cfg.spatial_stride
+    H, W = cfg.height, cfg.width
+    ph, pw = model.cfg.patch_size[1:]
+    if H <= 0 or W <= 0 or H % (ss * ph) or W % (ss * pw):
+        raise SystemExit(f"height and width must be positive multiples of {ss * ph}, got {H}x{W}")
+    if cfg.num_frames < 1:
+        raise SystemExit(f"--num_frames must be >= 1, got {cfg.num_frames}")
+    if cfg.mode not in MODES:
+        raise SystemExit(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    num_chunks = chunks_for(cfg.num_frames, C, ts)
+    warmup = cfg.warmup_chunks if cfg.warmup_chunks >= 0 else (1 if cfg.mode == "full" else -(-cfg.window_frames // C))
+
+    # a prompt starting at time s replaces the cross-attention K/V before the first chunk starting at or after s
+    switches = {}
+    for sec, text, ctx in prompts:
+        k = chunk_at(sec, cfg.fps, C, ts)
+        if k >= num_chunks:
+            log(f"note: prompt {text!r} starts at {sec:g} s, after the video ends ({cfg.num_frames / cfg.fps:.2f} s)")
+            continue
+        if k in switches:
+            log(f"note: prompt {switches[k][0]!r} is replaced by {text!r} before it is shown (both at chunk {k})")
+        switches[k] = (text, ctx)
+    if len(switches) > 1:
+        for k in sorted(switches):
+            f0 = chunk_start_frame(k, C, ts)
+            log(f"  chunk {k:3d} (frame {f0}, {f0 / cfg.fps:.2f} s): {switches[k][0]!r}")
+
+    stats = dict(chunks=0, frames=0, dit_s=0.0, vae_s=0.0, wall_s=0.0, measured_frames=0, switches=[],
+                 first_chunk_s=None)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    writer = Mp4Stream(out, cfg.fps, cfg.quality)
+    t_start = time.perf_counter()
+    t_measure = None
+    interrupted = False
+    with torch.inference_mode():
+        cache = SinkCache(model, 1, H // ss, W // ss, chunk_frames=C, window_frames=cfg.window_frames,
+                          sink_frames=cfg.sink_frames, mode=cfg.mode, alpha=cfg.alpha,
+                          max_frames=num_chunks * C if cfg.mode == "full" else None)
+        cache.set_prompt(dit, switches[0][1])
+        chunks = rollout(dit, cache, num_chunks, generator=generator)
+        dec = vae.stream_decoder()
+        bar = tqdm(range(num_chunks), desc="chunks", unit="chunk", dynamic_ncols=True, file=sys.stderr)
+        try:
+            for k in bar:
+                if k == warmup or (k == 0 and warmup >= num_chunks):
+                    sync(device)  # measurement boundary: the warm-up's queued work is not ours
+                    t_measure = time.perf_counter()
+                    m_start = k
+                new = switches[k] if k > 0 and k in switches else None
+                while new_prompts is not None and not new_prompts.empty():  # the latest line wins
+                    new = encode_schedule(te, [(0.0, new_prompts.get())], device, dtype)[0][1:]
+                if new is not None:
+                    recached = cfg.recache and cache.frames > cache.S  # nothing to re-encode before the ring fills
+                    cache.set_prompt(dit, new[1], recache=cfg.recache)
+                    stats["switches"].append((k, new[0]))
+                    bar.write(f"chunk {k}: prompt -> {new[0]!r}" + (" (window recached)" if recached else ""))
+                t0 = time.perf_counter()
+                x0 = next(chunks)
+                sync(device)  # measurement: DiT time alone
+                t1 = time.perf_counter()
+                frames = dec(x0.to(vae.conv2.weight.dtype))
+                sync(device)  # measurement: VAE time alone
+                t2 = time.perf_counter()
+                pixels = to_uint8(frames)
+                n = pixels.shape[0]
+                keep = min(n, cfg.num_frames - stats["frames"])
+                writer.put(pixels[:keep])
+                stats["frames"] += keep
+                stats["chunks"] += 1
+                if k == 0:
+                    stats["first_chunk_s"] = time.perf_counter() - t_start
+                if t_measure is not None:
+                    stats["dit_s"] += t1 - t0
+                    stats["vae_s"] += t2 - t1
+                    stats["measured_frames"] += n
+                if on_chunk is not None:
+                    on_chunk(k, cache, x0, frames)
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"interrupted: closing {out} after {stats['chunks']} chunks")
+        finally:
+            bar.close()
+            writer.close()
+    t_end = time.perf_counter()
+    if t_measure is not None:
+        stats["wall_s"] = t_end - t_measure
+    stats.update(warmup=m_start if t_measure is not None else None, num_chunks=num_chunks, interrupted=interrupted,
+                 cache_mb=cache.nbytes() / 2**20, written=writer.frames)
+    return stats
+
+
+def report(stats, cfg, out, device, log=print):
+    fr = stats["measured_frames"]
+    secs = stats["frames"] / cfg.fps
+    log(f"wrote {out}: {stats['written']} frames ({secs:.2f} s at {cfg.fps} fps), {cfg.width}x{cfg.height}, "
+        f"{stats['chunks']} chunks")
+    if fr:
+        excl = (f"{stats['warmup']} warm-up chunk{'s' * (stats['warmup'] > 1)} excluded" if stats["warmup"] else
+                "video too short to leave out a warm-up: includes compile / first-call costs")
+        log(f"speed ({excl}; FPS = pixel frames / seconds): DiT alone {fr / stats['dit_s']:.1f} FPS, "
+            f"VAE decode alone {fr / stats['vae_s']:.1f} FPS, end to end {fr / stats['wall_s']:.1f} FPS; "
+            f"first chunk after {stats['first_chunk_s']:.2f} s")
+    log(f"memory: {peak_memory(device)}; KV cache {stats['cache_mb']:.1f} MB (fixed size)")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def out_name(out, i):
+    p = Path(out)
+    return str(p.with_name(f"{p.stem}_{i:03d}{p.suffix or '.mp4'}"))
+
+
+def main(argv=None):
+    cfg = configure(SampleConfig(), argv, doc=__doc__)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.prompt and cfg.prompts:
+        raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
+
+    if not cfg.ckpt and not cfg.wan:
+        print("sample.py: no --ckpt / --wan given, so this runs the embedded default: a tiny model with RANDOM weights "
+              "(DiT 2 layers of width 64, umT5 2 layers of width 32 with a small word-level tokenizer, VAE of base "
+              "width 8) that runs the whole pipeline: prompts -> text encoder -> EMA-Sink streaming DiT -> streaming "
+              "VAE decode -> mp4. Its video is noise, not a picture. For real videos pass --ckpt rewardforcing.pt "
+              "(huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B) and --wan Wan2.1-T2V-1.3B/ "
+              "(huggingface.co/Wan-AI/Wan2.1-T2V-1.3B); see README 'Weights'.")
+        model, te, vae = load_tiny(device, dtype)
+        cfg.height, cfg.width = cfg.height or 64, cfg.width or 64
+    else:
+        t0 = time.perf_counter()
+        model, te, vae = load_real(cfg, device, dtype)
+        cfg.height, cfg.width = cfg.height or 480, cfg.width or 832
+        print(f"loaded the student, umT5 and the VAE in {time.perf_counter() - t0:.1f} s ({dtype}, {device})")
+
+    dit = model
+    if cfg.compile:
+        dit = torch.compile(model, fullgraph=True, backend=cfg.backend)
+
+    if cfg.prompts:
+        try:
+            lines = [s.strip() for s in Path(cfg.prompts).read_text().splitlines()]
+        except OSError as err:
+            raise SystemExit(f"--prompts {cfg.prompts}: cannot read it ({err.strerror})") from None
+        lines = [s for s in lines if s and not s.startswith("#")]
+        jobs = [([(0.0, s)], out_name(cfg.out, i)) for i, s in enumerate(lines)]
+        if not jobs:
+            raise SystemExit(f"--prompts {cfg.prompts}: no prompts in it")
+    else:
+        jobs = [(parse_schedule(cfg.prompt or DEFAULT_SCHEDULE), cfg.out)]
+
+    new_prompts = None
+    if cfg.interactive:
+        new_prompts = stdin_lines()
+        print("interactive: type a prompt and press Enter; it takes effect at the next chunk")
+    for i, (schedule, out) in enumerate(jobs):
+        if len(jobs) > 1:
+            print(f"[{i + 1}/{len(jobs)}] {out}: {schedule[0][1]!r}")
+        prompts = encode_schedule(te, schedule, device, dtype)
+        if i == len(jobs) - 1 and new_prompts is None:  # umT5-XXL is 11 GB in bf16: let it go before streaming
+            te = None
+            free_memory(device)
+        stats = stream_video(cfg, model, vae, prompts, out, dit=dit, te=te, new_prompts=new_prompts)
+        report(stats, cfg, out, device)
+        if stats["interrupted"]:
+            raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""sample.py: playable mp4s with the right frame count, prompt switches at the scheduled chunk, --prompts files,
+interactive prompts, the real-weights loading path (on tiny files), and errors naming missing weights."""
+
+import io
+import queue
+import tempfile
+
+import pytest
+import torch
+
+import sample
+from model import save_safetensors
+
+CPU = torch.device("cpu")
+SMALL = ["--height", "32", "--width", "32"]
+
+
+def read_frames(path):
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(str(path)) as r:
+        return [f for f in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine spinning OpenMP threads slow them down
+    several times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sample.load_tiny(CPU, torch.float32)
+
+
+def test_short_run_writes_playable_mp4(tmp_path):
+    out = tmp_path / "a.mp4"
+    sample.main(["--prompt", "a cat walks on the beach", "--num_frames", "21", "--out", str(out), *SMALL])
+    frames = read_frames(out)
+    assert len(frames) == 1 + 4 * (6 - 1)  # 2 chunks = 6 latent frames
+    assert frames[0].shape == (32, 32, 3) and frames[0].dtype.name == "uint8"
+    # a length between chunk boundaries: 2 chunks are generated, the mp4 is cut to the frames asked for
+    sample.main(["--prompt", "a cat", "--num_frames", "15", "--out", str(tmp_path / "b.mp4"), *SMALL])
+    assert len(read_frames(tmp_path / "b.mp4")) == 15
+
+
+def test_time_to_chunk_mapping():
+    assert [sample.chunk_start_frame(k) for k in range(5)] == [0, 9, 21, 33, 45]
+    assert sample.chunk_at(0, 16) == 0
+    assert sample.chunk_at(0.5, 16) == 1  # frame 8 -> chunk 1 (starts at frame 9)
+    assert sample.chunk_at(5, 16) == 7  # frame 80 -> chunk 7 (frame 81, 5.06 s): never before its time
+    assert sample.chunks_for(21) == 2 and sample.chunks_for(22) == 3 and sample.chunks_for(240) == 21
+    assert sample.parse_schedule(["5:b", "0:a: with a colon", "10.5 : c"]) == [(0.0, "a: with a colon"), (5.0, "b"),
+                                                                               (10.5, "c")]
+    with pytest.raises(SystemExit, match="must start at 0"):
+        sample.parse_schedule(["3:late"])
+
+
+def run(tiny, prompts, recache=False, new_prompts=None, on_chunk=None, num_frames=45):
+    model, te, vae = tiny
+    cfg = sample.configure(sample.SampleConfig(), ["--num_frames", str(num_frames), "--recache", str(recache), *SMALL])
+    sched = sample.encode_schedule(te, sample.parse_schedule(prompts), CPU, torch.float32)
+    seen = []
+
+    def record(k, cache, x0, frames):
+        seen.append((cache.ctx_k.clone(), x0.clone()))
+        if on_chunk:
+            on_chunk(k)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = sample.stream_video(cfg, model, vae, sched, f"{tmp}/v.mp4", te=te, new_prompts=new_prompts,
+                                    on_chunk=record, log=lambda *a: None)
+    return stats, seen
+
+
+def test_prompt_switch_changes_cross_attention_cache(tiny):
+    model, te, _ = tiny
+    a, b = "an empty glass on a rustic wooden table", "dark coffee streams into the empty glass"
+    with torch.no_grad():
+        k_a = model.cross_kv(te([a]))[0]
+        k_b = model.cross_kv(te([b]))[0]
+    assert not torch.equal(k_a, k_b)
+    # 1 s at 16 fps = frame 16 -> chunk 2 (frames 21..32); 45 frames = 4 chunks
+    stats, seen = run(tiny, [f"0:{a}", f"1:{b}"])
+    assert stats["switches"] == [(2, b)] and len(seen) == 4
+    for k, (ctx_k, _) in enumerate(seen):
+        assert torch.equal(ctx_k, k_a if k < 2 else k_b), f"chunk {k} has the wrong prompt's K"
+    # same seed without a switch: identical chunks before the switch, different ones from it on
+    _, plain = run(tiny, [a])
+    assert all(torch.equal(seen[k][1], plain[k][1]) for k in (0, 1))
+    assert not torch.allclose(seen[2][1], plain[2][1])
+    # --recache also re-encodes the window under the new prompt: the switched chunk changes again
+    stats_r, rec = run(tiny, [f"0:{a}", f"1:{b}"], recache=True)
+    assert stats_r["switches"] == [(2, b)] and torch.equal(rec[2][0], k_b)
+    assert torch.equal(rec[1][1], seen[1][1]) and not torch.allclose(rec[2][1], seen[2][1])
+
+
+def test_interactive_prompt_takes_effect_at_next_chunk(tiny, monkeypatch):
+    model, te, _ = tiny
+    q = queue.Queue()
+    new = "a red bird flies over the sea"
+    stats, seen = run(tiny, ["a cat"], new_prompts=q, on_chunk=lambda k: q.put(new) if k == 1 else None)
+    assert stats["switches"] == [(2, new)]
+    with torch.no_grad():
+        assert torch.equal(seen[2][0], model.cross_kv(te([new]))[0])
+        assert torch.equal(seen[1][0], model.cross_kv(te(["a cat"]))[0])
+    # the stdin reader: stripped, non-empty lines in order
+    monkeypatch.setattr("sys.stdin", io.StringIO("first prompt\n\n  second  \n"))
+    lines = sample.stdin_lines()
+    assert [lines.get(timeout=5), lines.get(timeout=5)] == ["first prompt", "second"]
+
+
+def test_prompts_file_one_video_per_line(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a cat walks\n\n# a comment\na dog runs on the beach\n")
+    sample.main(["--prompts", str(f), "--num_frames", "9", "--out", str(tmp_path / "v.mp4"), *SMALL])
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["v_000.mp4", "v_001.mp4"]
+    assert [len(read_frames(tmp_path / n)) for n in ("v_000.mp4", "v_001.mp4")] == [9, 9]
+
+
+def fake_wan(tmp_path, tiny, parts=("tokenizer", "t5", "vae")):
+    """A Wan2.1 folder in the original layout holding the tiny model's files."""
+    model, te, vae = tiny
+    wan = tmp_path / "wan"
+    (wan / "google/umt5-xxl").mkdir(parents=True, exist_ok=True)
+    if "tokenizer" in parts:
+        sample.tiny_tokenizer_json(wan / "google/umt5-xxl/tokenizer.json")
+    if "t5" in parts:
+        torch.save(te.encoder.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
+    if "vae" in parts:
+        torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
+    return wan
+
+
+def test_real_weights_path_equals_embedded_model(tmp_path, tiny):
+    """--ckpt/--wan load the files (strictly, through model.py, t5.py, vae.py) and give the embedded model's video."""
+    model = tiny[0]
+    ckpt = tmp_path / "student.safetensors"
+    save_safetensors(model, ckpt)
+    wan = fake_wan(tmp_path, tiny)
+    args = ["--prompt", "a cat walks on the beach", "--num_frames", "21", *SMALL]
+    sample.main([*args, "--ckpt", str(ckpt), "--wan", str(wan), "--out", str(tmp_path / "files.mp4")])
+    sample.main([*args, "--out", str(tmp_path / "embedded.mp4")])
+    a, b = read_frames(tmp_path / "files.mp4"), read_frames(tmp_path / "embedded.mp4")
+    assert len(a) == 21 and all((x == y).all() for x, y in zip(a, b))
+
+
+def test_missing_or_wrong_weights_name_the_file(tmp_path, tiny):
+    ckpt = tmp_path / "rewardforcing.pt"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--wan", str(tmp_path / "wan")])
+    assert "rewardforcing.pt" in str(e.value) and "JaydenLu666/Reward-Forcing-T2V-1.3B" in str(e.value)
+    with pytest.raises(SystemExit, match="--ckpt is given but not --wan"):
+        sample.main(["--ckpt", str(ckpt)])
+    ckpt.write_bytes(b"not a checkpoint")
+    wan = fake_wan(tmp_path, tiny, parts=("tokenizer",))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--wan", str(wan)])
+    msg = str(e.value)
+    assert "models_t5_umt5-xxl-enc-bf16.pth" in msg and "Wan2.1_VAE.pth" in msg and "Wan-AI/Wan2.1-T2V-1.3B" in msg
+    assert "tokenizer.json" not in msg  # present, so not listed
+    wan = fake_wan(tmp_path, tiny)
+    with pytest.raises(SystemExit) as e:  # all files there, but the student is not a checkpoint
+        sample.main(["--ckpt", str(ckpt), "--wan", str(wan)])
+    assert "student DiT" in str(e.value) and str(ckpt) in str(e.value) and "JaydenLu666" in str(e.value)
