@@ -1,0 +1,511 @@
+"""
+Toy-world evaluation: stream long rollouts (120+ latent frames) from a student and score them with the world's own
+rules (data/toyworld.py). The toy model's latents are the 16x16 RGB pixels, so nothing is decoded.
+
+    python eval.py --ckpt out/toy/redmd --text_encoder data/toy
+    python eval.py --ckpt out/toy/redmd --mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
+
+Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
+- dynamics  mean |x_{t+1} - x_t| over pixels, channels and steps. 0: static video. World clips: ~0.05-0.15.
+- fidelity  per frame, IoU of the asked colour's pixels with the asked 6x6 sprite at its best placement, counted
+            only when no other shape's sprite fits better; mean over frames. 1: the asked object, intact, alone
+            in its colour, in every frame. 0: no pixel of the asked colour (e.g. a wrong-colour video).
+- drift     standard deviation (M - 1 normalised) of fidelity over M consecutive segments (paper Eq. 12; Eq. 13 is
+            the mean over videos, which the CLI reports). 0: constant quality along the video.
+- copy      similarity of the last quarter of the frames to the first chunk: mean over those frames of
+            max(0, 1 - d / COPY_REF), d = the fraction of pixels that differ (by more than CHANGE_TOL, so flicker
+            does not count) from the closest first-chunk frame, COPY_REF = the fraction a fully moved object changes.
+            1: late frames repeat the first chunk; 0: every late frame differs from it by a moved object or more.
+- alignment fraction of 2-frame windows in which the object moves as the caption says: the captioned direction,
+            flipped at each bounce and turned by "turns", at the captioned speed (within x1.5, doubled after
+            "speeds up"). 1: obeys the caption throughout; 0: never (a static video, the wrong direction or axis).
+- camera    fraction of 2-frame windows in which the background stripes shift as the caption's pan says (1 px to
+            the left per 2 frames for "pans right", right for "pans left", none without a pan).
+The CLI also scores the world's own clips of the same captions ("world", the ceiling) and those clips frozen on
+their first frame ("static", what a generator that never moves gets), and reports every metric per segment along the
+rollout, for plotting quality against length.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import configure
+from data import toyworld
+from sink import MODES, SinkCache, rollout
+
+COLOR_TOL = 0.6  # a pixel has colour c when every channel is within this of c's (palettes are >= 1.6 apart)
+NEUTRAL_TOL = 0.3  # a background pixel: channel spread (max - min) below this
+PRESENT_IOU = 0.5  # the object is "found" in a frame when its sprite fits the colour mask this well
+LAG = 2  # frames per motion window: slow objects move exactly 1 px per 2 frames
+WALL = 1  # px: windows with the object this close to a wall on its axis of motion are not judged (bounces)
+SPEED_TOL = 1.5  # measured speed within [v / 1.5, v * 1.5] of the captioned speed v
+CHANGE_TOL = 0.3  # a pixel "changed" when a channel moved more than this (palette steps are >= 0.4; noise is not)
+COPY_REF = 2 * 32 / 256  # changed-pixel fraction of a frame whose 6x6 object moved to a non-overlapping place
+METRICS = ("dynamics", "fidelity", "drift", "copy", "alignment", "camera")
+
+
+def asked(caption):
+    """A caption string, a toyworld.Spec or a parse_caption dict -> the dict of asked attributes."""
+    if isinstance(caption, str):
+        return toyworld.parse_caption(caption)
+    if isinstance(caption, toyworld.Spec):
+        return toyworld.parse_caption(toyworld.caption(caption))
+    return caption
+
+
+# ----------------------------------------------------------------------------- finding the object
+
+
+def color_mask(video, color):
+    """[3, T, H, W] -> [T, H, W] bool: pixels of the palette colour `color`."""
+    c = torch.tensor(toyworld.COLORS[color], dtype=video.dtype, device=video.device)[:, None, None, None]
+    return (video - c).abs().amax(dim=0) < COLOR_TOL
+
+
+def sprite_fits(mask):
+    """IoU of every sprite at every placement inside the frame with the colour mask.
+    mask [T, H, W] bool -> iou [T, n_shapes, H - 5, W - 5] (placement = the sprite's top-left corner),
+    shapes in toyworld.SHAPES order. Union counts every pixel of the colour, so stray pieces lower it."""
+    m = mask.float()[:, None]  # [T, 1, H, W]
+    tpl = torch.stack([toyworld.TEMPLATES[s] for s in toyworld.SHAPES]).float()[:, None].to(m.device)  # [3, 1, 6, 6]
+    inter = F.conv2d(m, tpl)  # [T, 3, H-5, W-5]
+    union = m.sum(dim=(1, 2, 3))[:, None, None, None] + tpl.sum(dim=(1, 2, 3))[None, :, None, None] - inter
+    return inter / union
+
+
+def track(video, spec):
+    """The asked object per frame: (frame_iou [T], position [T, 2] float (x, y) of the sprite's top-left,
+    found [T] bool). frame_iou is the asked sprite's best IoU, or 0 when another shape fits better."""
+    spec = asked(spec)
+    iou = sprite_fits(color_mask(video.float(), spec["color"]))  # [T, 3, h, w]
+    T, _, h, w = iou.shape
+    k = toyworld.SHAPES.index(spec["shape"])
+    best_per_shape = iou.flatten(2).amax(dim=2)  # [T, 3]
+    own, where = iou[:, k].flatten(1).max(dim=1)  # [T], [T] flat placement index
+    wins = own >= best_per_shape.amax(dim=1) - 1e-6  # no other shape fits better
+    frame_iou = torch.where(wins, own, torch.zeros_like(own))
+    pos = torch.stack([where % w, where // w], dim=1).float()  # [T, 2] (x, y)
+    return frame_iou, pos, own >= PRESENT_IOU
+
+
+# ----------------------------------------------------------------------------- the metrics
+
+
+def dynamics(video):
+    """Mean absolute frame-to-frame change over pixels, channels and steps, in [0, 2]. 0: a static video."""
+    video = video.float()
+    if video.shape[1] < 2:
+        return 0.0
+    return (video[:, 1:] - video[:, :-1]).abs().mean().item()
+
+
+def fidelity_per_frame(video, caption):
+    """[T] in [0, 1]: per frame, the asked sprite's IoU with the asked colour's pixels (0 if another shape fits
+    better). 1: exactly the asked shape, intact, and nothing else of its colour; 0: the colour is absent."""
+    return track(video, caption)[0]
+
+
+def fidelity(video, caption):
+    """Mean of fidelity_per_frame over frames, in [0, 1]. World clips score 1; a wrong-colour video 0."""
+    return fidelity_per_frame(video, caption).mean().item()
+
+
+def segments(T, segment_frames):
+    """Consecutive whole segments of a T-frame video: list of (start, end); the remainder is dropped."""
+    return [(s, s + segment_frames) for s in range(0, T - segment_frames + 1, segment_frames)]
+
+
+def drift(video, caption, segment_frames=12):
+    """Paper Eq. 12 with fidelity as the quality score: the standard deviation (M - 1 normalised) of per-segment
+    fidelity over the M whole segments of `segment_frames` frames, in [0, ~0.7]. 0: constant quality (or M < 2)."""
+    per_frame = fidelity_per_frame(video, caption)
+    s = torch.stack([per_frame[a:b].mean() for a, b in segments(len(per_frame), segment_frames)])
+    return s.std(unbiased=True).item() if len(s) > 1 else 0.0
+
+
+def copy_score(video, chunk_frames=3):
+    """First-frame copying, in [0, 1]: mean over the last quarter of the frames of max(0, 1 - d / COPY_REF), where d
+    is the fraction of pixels whose colour differs by more than CHANGE_TOL (any channel) from the closest frame of
+    the first chunk. 1: late frames repeat the first chunk (up to flicker below CHANGE_TOL); 0: each late frame
+    differs from all of it at least as much as when the 6x6 object moves to a non-overlapping place (a 1 px step
+    of the object alone gives ~0.8, any pan shift of the stripes ~0)."""
+    video = video.float()
+    T = video.shape[1]
+    first = video[:, :chunk_frames]  # [3, C, H, W]
+    late = video[:, max(chunk_frames, T - max(1, T // 4)) :]  # [3, L, H, W]
+    if late.shape[1] == 0:
+        return 1.0
+    changed = (late[:, :, None] - first[:, None]).abs().amax(dim=0) > CHANGE_TOL  # [L, C, H, W]
+    d = changed.float().mean(dim=(2, 3)).amin(dim=1)  # [L]: vs the closest first-chunk frame
+    return (1 - d / COPY_REF).clamp(min=0).mean().item()
+
+
+def motion_checks(video, caption):
+    """Per window [t, t + LAG] (t = 0 .. T-1-LAG): 1.0 if the object moves as the caption says, 0.0 if not, nan if
+    the window is not judged. Returns [T - LAG] float.
+
+    The expected direction d follows the world's rules, driven by where the object is seen: it starts as the
+    caption's, turns clockwise at frames 6, 12, ... for "turns", and whenever the object is within WALL px of a wall
+    on d's axis it is set to point away from that wall (a bounce). Windows with the object that close to a wall on
+    d's axis, or straddling a turn or the speed-up, are not judged (the exact bounce frame is not the model's to
+    match). A turn taken next to a wall leaves the sign of the new direction open (did the bounce come first?): the
+    next judgeable window in which the object moves along the new axis settles it and is not judged itself.
+    A judged window passes when the object is found at both ends, moved along d by a positive amount at the
+    captioned speed (within x SPEED_TOL), and less across d than along it. A missing object fails the window."""
+    spec = asked(caption)
+    _, pos, found = track(video, spec)
+    pos, found = pos.cpu().numpy(), found.cpu().numpy()
+    T, H, W = video.shape[1], video.shape[2], video.shape[3]
+    hi = np.array([W - toyworld.SPRITE, H - toyworld.SPRITE])  # largest top-left x, y
+    turns, speeds_up = spec["event"] == "turns", spec["event"] == "speeds up"
+
+    def turn_at(t):
+        return turns and t > 0 and t % toyworld.TURN_EVERY == 0
+
+    def rule_change(t):  # does the velocity change at frame t
+        return turn_at(t) or (speeds_up and t == toyworld.SPEEDUP_AT)
+
+    def wall(t, d):  # -1 / +1: the object at frame t is within WALL px of the low / high wall on d's axis; 0: not
+        k = 0 if d[0] != 0 else 1
+        if not found[t]:
+            return 0
+        return -1 if pos[t, k] <= WALL else (1 if pos[t, k] >= hi[k] - WALL else 0)
+
+    d = np.array(toyworld.DIRECTIONS[spec["direction"]], dtype=np.float64)  # expected direction from frame t on
+    v = toyworld.SPEEDS[spec["speed"]]  # expected speed from frame t on
+    open_sign = False  # a turn next to a wall left the sign of d undecided
+    out = np.full(max(T - LAG, 0), np.nan)
+    for t in range(T):
+        # the state at frame t
+        if turn_at(t):
+            open_sign = wall(t, d) != 0
+            d = np.array([-d[1], d[0]])  # clockwise on screen
+        if speeds_up and t == toyworld.SPEEDUP_AT:
+            v = 2 * v
+        side = wall(t, d)
+        if side != 0:
+            k = 0 if d[0] != 0 else 1
+            d[k] = -side * abs(d[k])  # point away from that wall
+            open_sign = False
+        # the window [t, t + LAG]
+        if t >= T - LAG or any(rule_change(s) for s in range(t + 1, t + LAG)):
+            continue
+        if any(wall(s, d) != 0 for s in range(t, t + LAG + 1)):
+            continue
+        if not (found[t] and found[t + LAG]):
+            out[t] = 0.0
+            continue
+        delta = pos[t + LAG] - pos[t]
+        along = float(delta @ d)
+        across = abs(float(delta @ np.array([-d[1], d[0]])))
+        if open_sign:
+            if along != 0 and across < abs(along):
+                d, open_sign = d * np.sign(along), False  # settled by what happened
+            continue
+        rate = along / LAG
+        out[t] = float(along > 0 and across < along and v / SPEED_TOL <= rate <= v * SPEED_TOL)
+    return torch.from_numpy(out)
+
+
+def alignment(video, caption):
+    """Fraction of judged motion windows (see motion_checks) that obey the caption, in [0, 1]. 1: the object always
+    moves the captioned way (bounces and turns honoured); 0: never, or no window could be judged (e.g. the object
+    sits against a wall)."""
+    c = motion_checks(video, caption)
+    c = c[~c.isnan()]
+    return c.mean().item() if len(c) else 0.0
+
+
+def background_profile(video):
+    """[3, T, H, W] -> [T, W]: the mean of each column's neutral (gray) pixels, nan where a column has none."""
+    video = video.float()
+    neutral = (video.amax(dim=0) - video.amin(dim=0)) < NEUTRAL_TOL  # [T, H, W]
+    gray = video.mean(dim=0)  # [T, H, W]
+    n = neutral.sum(dim=1)  # [T, W]
+    return torch.where(n > 0, (gray * neutral).sum(dim=1) / n.clamp(min=1), torch.full_like(gray[:, 0], math.nan))
+
+
+def camera_checks(video, caption, max_shift=2):
+    """Per window [t, t + LAG]: 1.0 if the background's best-matching horizontal shift is the caption's pan (strictly
+    better than every other shift in [-max_shift, max_shift]), else 0.0. Returns [T - LAG] float.
+    "pans right" moves the stripes left: frame t + LAG at column x shows frame t's column x + 1."""
+    spec = asked(caption)
+    want = {"none": 0, "right": 1, "left": -1}[spec["pan"]] * round(toyworld.PAN_SPEED * LAG)
+    prof = background_profile(video)  # [T, W]
+    T, W = prof.shape
+    if T <= LAG:
+        return torch.zeros(0, dtype=torch.float64)
+    errs = []
+    for s in range(-max_shift, max_shift + 1):
+        a = prof[LAG:, max(0, -s) : W - max(0, s)]  # [T-LAG, W-|s|]: column x of the later frame ...
+        b = prof[:-LAG, max(0, s) : W + min(0, s)]  # ... against column x + s of the earlier one
+        diff = (a - b).abs()
+        ok = ~diff.isnan()
+        n = ok.sum(dim=1)
+        err = torch.where(n > 0, diff.nan_to_num(0).sum(dim=1) / n.clamp(min=1), torch.full_like(diff[:, 0], math.inf))
+        errs.append(err)  # [T-LAG]
+    errs = torch.stack(errs, dim=1)  # [T-LAG, 2 * max_shift + 1]
+    j = want + max_shift
+    others = torch.cat([errs[:, :j], errs[:, j + 1 :]], dim=1).amin(dim=1)
+    return (errs[:, j] < others - 1e-6).double()
+
+
+def camera(video, caption):
+    """Fraction of windows whose background motion matches the caption's pan (or its absence), in [0, 1]. 1: always;
+    0: never (also for a flat, textureless background, whose shift cannot be seen)."""
+    c = camera_checks(video, caption)
+    return c.mean().item() if len(c) else 0.0
+
+
+def score(video, caption, segment_frames=12, chunk_frames=3):
+    """Every metric of one video [3, T, H, W] against its caption: dict name -> float."""
+    return dict(dynamics=dynamics(video), fidelity=fidelity(video, caption), drift=drift(video, caption, segment_frames),
+                copy=copy_score(video, chunk_frames), alignment=alignment(video, caption), camera=camera(video, caption))
+
+
+def per_segment(video, caption, segment_frames=12):
+    """Metrics per segment along the video (for curves against rollout length): dict name -> list over segments of
+    dynamics (steps ending in the segment), fidelity, alignment and camera (windows starting in the segment;
+    nan when none is judged)."""
+    video = video.float()
+    step = (video[:, 1:] - video[:, :-1]).abs().mean(dim=(0, 2, 3))  # [T-1]: step t -> t+1
+    fid = fidelity_per_frame(video, caption)
+    mot, cam = motion_checks(video, caption), camera_checks(video, caption)
+
+    def mean(x):
+        x = x[~x.isnan()]
+        return x.float().mean().item() if len(x) else math.nan
+
+    out = {k: [] for k in ("dynamics", "fidelity", "alignment", "camera")}
+    for a, b in segments(video.shape[1], segment_frames):
+        out["dynamics"].append(mean(step[max(a - 1, 0) : b - 1]))
+        out["fidelity"].append(mean(fid[a:b]))
+        out["alignment"].append(mean(mot[a:b]))
+        out["camera"].append(mean(cam[a:b]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = field(default="", metadata={"help": "student checkpoint (a folder, .safetensors or .pt that "
+                                                     "WanModel.from_pretrained reads), e.g. out/toy/redmd"})
+    key: str = field(default="", metadata={"help": "dict key of a training checkpoint (default: generator_ema, then generator)"})
+    text_encoder: str = field(default="data/toy", metadata={"help": "folder with tokenizer.json and text_encoder/ "
+                                                                     "(written by data/prepare_toy.py)"})
+    num_captions: int = field(default=16, metadata={"help": "captions to evaluate: toyworld.captions(num_captions, caption_seed)"})
+    caption_seed: int = field(default=1, metadata={"help": "world seed of the evaluation captions (data/toy/prompts.txt uses 0)"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "noise seeds; every caption is rolled out once "
+                                                                          "per seed (repeat the flag for several)"})
+    num_frames: int = field(default=120, metadata={"help": "latent frames per rollout (rounded up to whole chunks)"})
+    size: int = field(default=16, metadata={"help": "frame size in pixels (= latents)"})
+    batch_size: int = field(default=16, metadata={"help": "rollouts streamed together (the batch dim)"})
+    segment_frames: int = field(default=12, metadata={"help": "frames per segment for drift and the per-segment curves"})
+    chunk_frames: int = field(default=3, metadata={"help": "latent frames per chunk"})
+    window_frames: int = field(default=9, metadata={"help": "attention window in frames, sink and current chunk included"})
+    sink_frames: int = field(default=3, metadata={"help": "sink frames (the first chunk becomes the sink)"})
+    mode: str = field(default="ema", metadata={"help": f"cache mode: {' | '.join(MODES)} (paper Table 3)"})
+    alpha: float = field(default=0.999, metadata={"help": "EMA momentum of the sink (paper Eq. 4-5)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, mps, ... | auto (the current accelerator, else cpu)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    out_png: str = field(default="", metadata={"help": "write a grid of frames of the first rollouts here (rows: "
+                                                        "videos, model above its world clip; columns: frames along the rollout)"})
+    png_videos: int = field(default=4, metadata={"help": "videos in --out_png"})
+    png_frames: int = field(default=20, metadata={"help": "frames per video in --out_png, evenly spaced"})
+    curve_png: str = field(default="", metadata={"help": "write dynamics (top) and fidelity (bottom) per segment "
+                                                          "against rollout length here (red: model, gray: world clips)"})
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def generate(model, text_encoder, prompts, cfg, seed, batch_index=0):
+    """Stream one batch of rollouts: prompts (list of B captions) -> videos [B, 3, T, S, S] float32 on the CPU,
+    clamped to [-1, 1]. The noise comes from one generator seeded with (seed, batch_index)."""
+    device = next(model.parameters()).device
+    dtype = model.blocks[0].self_attn.k.weight.dtype
+    C = cfg.chunk_frames
+    num_chunks = math.ceil(cfg.num_frames / C)
+    context = text_encoder(prompts).to(device=device, dtype=dtype)  # [B, text_len, text_dim]
+    cache = SinkCache(model, len(prompts), cfg.size, cfg.size, chunk_frames=C, window_frames=cfg.window_frames,
+                      sink_frames=cfg.sink_frames, mode=cfg.mode, alpha=cfg.alpha,
+                      max_frames=num_chunks * C if cfg.mode == "full" else None)
+    cache.set_prompt(model, context)
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
+    chunks = [x0.float().cpu() for x0 in rollout(model, cache, num_chunks, generator=gen)]  # [B, 3, C, S, S] each
+    return torch.cat(chunks, dim=2).clamp(-1, 1)  # [B, 3, T, S, S]
+
+
+def world_videos(cfg):
+    """The world's own clips of the evaluation captions, and the same clips frozen on their first frame:
+    two tensors [N, 3, T, S, S]."""
+    T = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
+    specs = [toyworld.sample_spec(i, cfg.caption_seed, cfg.size) for i in range(cfg.num_captions)]
+    world = torch.stack([toyworld.render(s, T, cfg.size) for s in specs])
+    return world, world[:, :, :1].expand_as(world).clone()
+
+
+def summarize(videos, prompts, cfg):
+    """Scores of many videos: (dict metric -> {mean, std}, dict metric -> per-segment means over videos)."""
+    scores = [score(v, p, cfg.segment_frames, cfg.chunk_frames) for v, p in zip(videos, prompts)]
+    table = {m: dict(mean=float(np.mean([s[m] for s in scores])), std=float(np.std([s[m] for s in scores])))
+             for m in METRICS}
+    curves = [per_segment(v, p, cfg.segment_frames) for v, p in zip(videos, prompts)]
+    seg = {k: [float(np.nanmean(col)) if not np.all(np.isnan(col)) else math.nan for col in zip(*(c[k] for c in curves))]
+           for k in curves[0]}
+    return table, seg
+
+
+def evaluate(model, text_encoder, cfg, log=print):
+    """Roll out every evaluation caption x seed, score it, and compare with the world's clips. Returns a dict:
+    model / world / static: metric -> {mean, std}; segments: frame_end and per-segment curves for each;
+    videos: every rollout [N, 3, T, S, S], seed-major (caption i of the first seed is videos[i]; dropped from
+    the JSON)."""
+    prompts = toyworld.captions(cfg.num_captions, cfg.caption_seed)
+    videos, names = [], []
+    for seed in cfg.seeds:
+        for b in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[b : b + cfg.batch_size]
+            videos.append(generate(model, text_encoder, batch, cfg, seed, b // cfg.batch_size))
+            names += batch
+            log(f"seed {seed}: rolled out captions {b}..{b + len(batch) - 1} ({videos[-1].shape[2]} frames)")
+    videos = torch.cat(videos)  # [N * seeds, 3, T, S, S]
+    world, static = world_videos(cfg)
+    result, curves = {}, {}
+    for name, vids, caps in (("model", videos, names), ("world", world, prompts), ("static", static, prompts)):
+        result[name], curves[name] = summarize(vids, caps, cfg)
+    T = videos.shape[2]
+    result["segments"] = dict(frame_end=[b for _, b in segments(T, cfg.segment_frames)], **curves)
+    result["num_videos"] = len(videos)
+    result["num_frames"] = T
+    result["videos"] = videos
+    return result
+
+
+def format_table(result):
+    lines = [f"{result['num_videos']} rollouts x {result['num_frames']} frames; mean ± std over videos "
+             f"(world: the world's own clips of the same captions; static: those clips frozen on frame 0)",
+             f"{'':8s}" + "".join(f"{m:>17s}" for m in METRICS)]
+    for name in ("model", "world", "static"):
+        lines.append(f"{name:8s}" + "".join(f"{result[name][m]['mean']:>9.3f} ± {result[name][m]['std']:<5.3f}"
+                                            for m in METRICS))
+    seg = result["segments"]
+    lines.append("")
+    lines.append("model per segment (frames up to):  " + " ".join(f"{f:>6d}" for f in seg["frame_end"]))
+    for k in ("dynamics", "fidelity", "alignment", "camera"):
+        lines.append(f"  {k:32s}  " + " ".join(f"{x:6.3f}" for x in seg["model"][k]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pictures (numpy rasters, no matplotlib)
+
+
+def frame_grid(videos, n_frames=20, scale=4):
+    """videos [N, 3, T, S, S] -> uint8 image [h, w, 3]: one row per video, n_frames evenly spaced frames."""
+    T = videos.shape[2]
+    idx = torch.linspace(0, T - 1, min(n_frames, T)).round().long()
+    return toyworld.strip([v[:, idx] for v in videos], scale=scale)
+
+
+def _line(img, x0, y0, x1, y1, color, width=2):
+    """Draw a straight line into img [H, W, 3] uint8 by dense sampling."""
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) * 2 + 2
+    xs = np.linspace(x0, x1, n).round().astype(int)
+    ys = np.linspace(y0, y1, n).round().astype(int)
+    for dx in range(width):
+        for dy in range(width):
+            ok = (xs + dx >= 0) & (xs + dx < img.shape[1]) & (ys + dy >= 0) & (ys + dy < img.shape[0])
+            img[ys[ok] + dy, xs[ok] + dx] = color
+
+
+def curve_image(frame_end, series, width=480, height=160, pad=16):
+    """Stacked panels, one per metric: series is a list of (name, {label: values}, color per label, y_max).
+    Axes in black with a tick per segment; lines in the given colours. Returns uint8 [H, W, 3]."""
+    img = np.full((height * len(series), width, 3), 255, np.uint8)
+    xmax = max(frame_end)
+    for i, (_, lines, colors, ymax) in enumerate(series):
+        top, bottom, left, right = i * height + pad, (i + 1) * height - pad, pad, width - pad
+        _line(img, left, bottom, right, bottom, (0, 0, 0), 1)  # x axis
+        _line(img, left, top, left, bottom, (0, 0, 0), 1)  # y axis
+        _line(img, left - 4, top, left, top, (0, 0, 0), 1)  # y_max tick
+        for f in frame_end:
+            x = left + (right - left) * f / xmax
+            _line(img, x, bottom, x, bottom + 4, (0, 0, 0), 1)
+
+        def xy(f, y):
+            return left + (right - left) * f / xmax, bottom - (bottom - top) * min(max(y / ymax, 0), 1)
+
+        for label, ys in lines.items():
+            pts = [xy(f, y) for f, y in zip(frame_end, ys) if not math.isnan(y)]
+            for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:]):
+                _line(img, x0, y0, x1, y1, colors[label])
+    return img
+
+
+def no_nan(x):
+    """nan -> None, recursively, so the JSON line is strict JSON."""
+    if isinstance(x, dict):
+        return {k: no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [no_nan(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def main(argv=None):
+    import imageio.v2 as imageio
+
+    from model import CheckpointError, WanModel
+    from t5 import TextEncoder
+
+    cfg = configure(EvalConfig(), argv, doc=__doc__)
+    if not cfg.ckpt:
+        raise SystemExit("--ckpt is required: a toy student trained by `python train.py config/toy.py ...`")
+    if cfg.mode not in MODES:
+        raise SystemExit(f"--mode takes one of {', '.join(MODES)}, got {cfg.mode!r}")
+    device = pick_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    try:
+        model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
+        te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=model.cfg.text_len)
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
+        raise SystemExit(f"loading failed: {err}") from None
+    result = evaluate(model, te, cfg)
+    print(format_table(result))
+    videos = result.pop("videos")
+    if cfg.out_png:
+        n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is caption i under the first seed
+        world, _ = world_videos(cfg)
+        pairs = torch.stack([v for i in range(n) for v in (videos[i], world[i])])  # model above world, per caption
+        imageio.imwrite(cfg.out_png, frame_grid(pairs, cfg.png_frames))
+        print(f"wrote {cfg.out_png}: rows = (model, world) for captions "
+              + "; ".join(repr(c) for c in toyworld.captions(n, cfg.caption_seed)))
+    if cfg.curve_png:
+        seg = result["segments"]
+        ymax = max(1e-3, *(y for k in ("model", "world") for y in seg[k]["dynamics"] if not math.isnan(y))) * 1.1
+        colors = {"model": (220, 30, 30), "world": (150, 150, 150)}
+        series = [("dynamics", {k: seg[k]["dynamics"] for k in ("world", "model")}, colors, ymax),
+                  ("fidelity", {k: seg[k]["fidelity"] for k in ("world", "model")}, colors, 1.0)]
+        imageio.imwrite(cfg.curve_png, curve_image(seg["frame_end"], series))
+        print(f"wrote {cfg.curve_png}: top dynamics (0 .. {ymax:.3f}), bottom fidelity (0 .. 1) against frames "
+              f"(ticks at {seg['frame_end'][0]}, {seg['frame_end'][1] if len(seg['frame_end']) > 1 else ''} ...); "
+              f"red model, gray world")
+    result["config"] = asdict(cfg)
+    print(json.dumps(no_nan(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The toy world (data/toyworld.py) and its metrics (eval.py): every metric on videos with known answers, the world's
+determinism and grammar, and a smoke run of evaluate() and the CLI with a tiny random student."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+from data import toyworld as tw
+from model import WanConfig, WanModel, save_safetensors
+from t5 import T5Config, T5Encoder, TextEncoder, Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = tw.Spec(color="red", shape="circle", background="gray", direction="right", speed="slowly", x=5, y=5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every tensor here is tiny: one thread is faster than several, and kinder to a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def specs(n=60, seed=3):
+    return [tw.sample_spec(i, seed) for i in range(n)]
+
+
+def tiny_student_and_encoder():
+    """A tiny random RGB student and a word-level tokenizer + random tiny umT5 over the world's vocabulary."""
+    torch.manual_seed(0)
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, freq_dim=16, text_dim=32, text_len=24,
+                    in_dim=3, out_dim=3)  # text_len 24 (the toy preset's): the longest caption is 18 words + EOS
+    model = WanModel(cfg).eval()
+    tok = Tokenizer.from_words(tw.WORDS, text_len=cfg.text_len)
+    enc = T5Encoder(T5Config(vocab=len(tw.WORDS) + 3, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
+                             text_len=cfg.text_len))
+    return model, TextEncoder(tok, enc).eval()
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+def test_world_is_deterministic_by_seed_and_index():
+    a, b = tw.clip(7, num_frames=20, seed=5), tw.clip(7, num_frames=20, seed=5)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert a[0].shape == (3, 20, 16, 16) and a[0].dtype == torch.float32
+    assert a[0].min() >= -1 and a[0].max() <= 1
+    assert [tw.sample_spec(i, 0) for i in range(50)] != [tw.sample_spec(i, 1) for i in range(50)]
+    assert tw.captions(5, seed=2) == [tw.clip(i, seed=2)[1] for i in range(5)]
+    # the first frames of a longer render are the shorter render: videos of any length tell one story
+    assert torch.equal(tw.render(a[2], 120)[:, :20], a[0])
+
+
+def test_every_caption_parses_back_and_uses_only_words():
+    used = set()
+    for s in specs(400, seed=0):
+        text = tw.caption(s)
+        want = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("x", "y")}
+        assert tw.parse_caption(text) == want
+        assert all(w in tw.WORDS for w in text.split())
+        used |= set(text.split())
+    assert used == set(tw.WORDS) and tw.WORDS == sorted(tw.WORDS)  # no word is dead
+    with pytest.raises(ValueError):
+        tw.parse_caption("a purple circle moves left fast on a gray background")
+
+
+def test_render_is_fast():
+    s = tw.sample_spec(0, seed=0)
+    t = time.perf_counter()
+    video = tw.render(s, 120)
+    assert time.perf_counter() - t < 1.0 and video.shape == (3, 120, 16, 16)
+
+
+def test_toyworld_main_writes_a_strip(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "data" / "toyworld.py"), "3", "6", str(tmp_path / "s.png")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "s.png").exists() and tw.captions(1)[0] in out.stdout
+
+
+# ----------------------------------------------------------------------------- metrics with known answers
+
+
+def test_static_video_has_zero_dynamics():
+    video = tw.render(SPEC, 60)
+    assert E.dynamics(video[:, :1].expand_as(video)) == 0.0
+    assert E.dynamics(video) > 0.02
+    assert min(E.dynamics(tw.render(s, 60)) for s in specs(20)) > 0.01  # every world clip moves
+
+
+def test_copy_score():
+    video = tw.render(tw.sample_spec(2, seed=1), 120)
+    copied = video[:, :3].repeat(1, 40, 1, 1)  # every frame is one of the first chunk's
+    assert E.copy_score(copied, chunk_frames=3) == 1.0
+    assert E.copy_score(video[:, :1].expand_as(video)) == 1.0  # a frozen first frame
+    scores = [E.copy_score(tw.render(s, 120)) for s in specs(20)]
+    assert max(scores) < 0.8 and sum(scores) / len(scores) < 0.45  # bouncing objects pass their start again
+
+
+def test_world_clips_score_full_fidelity_alignment_and_camera():
+    """Bounces, turns, speed-ups and pans: the world obeys its captions, and the metrics see it."""
+    for s in specs(60):
+        video, text = tw.render(s, 72), tw.caption(s)
+        assert E.fidelity(video, text) == 1.0
+        assert E.alignment(video, text) == 1.0, text
+        assert E.camera(video, text) == 1.0, text
+        assert E.drift(video, text, segment_frames=12) == 0.0
+
+
+def test_wrong_colour_or_shape_fails_fidelity():
+    text = tw.caption(SPEC)
+    assert E.fidelity(tw.render(SPEC, 24), text) == 1.0
+    for color in ("green", "blue", "yellow"):
+        assert E.fidelity(tw.render(dataclasses.replace(SPEC, color=color), 24), text) == 0.0
+    for shape in ("square", "triangle"):
+        assert E.fidelity(tw.render(dataclasses.replace(SPEC, shape=shape), 24), text) == 0.0
+    broken = tw.render(SPEC, 24)
+    broken[:, :, :, 8:] = -0.2  # cut the object in half (paint the right half of the frame background gray)
+    assert E.fidelity(broken, text) < 0.7
+
+
+def test_wrong_motion_fails_alignment():
+    text = tw.caption(SPEC)  # moves right slowly, from x=5
+    assert E.alignment(tw.render(SPEC, 12), text) == 1.0
+    # the opposite direction: told apart before the first bounce (after it, a bouncing object moving left is one
+    # moving right, so we judge the 12 frames before it reaches the wall)
+    assert E.alignment(tw.render(dataclasses.replace(SPEC, direction="left"), 12), text) == 0.0
+    # the wrong axis or the wrong speed fail along a whole long video
+    assert E.alignment(tw.render(dataclasses.replace(SPEC, direction="up"), 120), text) == 0.0
+    assert E.alignment(tw.render(dataclasses.replace(SPEC, speed="fast"), 120), text) == 0.0
+    # "turns" and "speeds up" are checked too
+    assert E.alignment(tw.render(dataclasses.replace(SPEC, event="turns"), 60), text) < 0.6
+    assert E.alignment(tw.render(SPEC, 60), tw.caption(dataclasses.replace(SPEC, event="speeds up"))) < 0.3
+    # a frozen object never moves as asked
+    video = tw.render(SPEC, 60)
+    assert E.alignment(video[:, :1].expand_as(video), text) == 0.0
+
+
+def test_camera_pan_is_checked():
+    right = dataclasses.replace(SPEC, pan="right")
+    assert E.camera(tw.render(right, 30), tw.caption(right)) == 1.0
+    assert E.camera(tw.render(dataclasses.replace(SPEC, pan="left"), 30), tw.caption(right)) == 0.0
+    assert E.camera(tw.render(SPEC, 30), tw.caption(right)) == 0.0  # no pan when one is asked
+    assert E.camera(tw.render(right, 30), tw.caption(SPEC)) == 0.0  # a pan when none is asked
+
+
+def test_drift_is_the_std_of_segment_fidelity():
+    text = tw.caption(SPEC)
+    video = tw.render(SPEC, 120)
+    assert E.drift(video, text, segment_frames=12) == 0.0
+    gone = video.clone()
+    gone[:, 60:] = tw.render(dataclasses.replace(SPEC, color="blue"), 120)[:, 60:]  # the red circle is gone halfway
+    # 10 segments, 5 at fidelity 1 and 5 at 0: sample std sqrt(10 / (4 * 9))
+    assert E.drift(gone, text, segment_frames=12) == pytest.approx(math.sqrt(10 / 36), abs=1e-6)
+    assert E.fidelity(gone, text) == pytest.approx(0.5)
+
+
+def test_score_and_per_segment():
+    s = tw.sample_spec(4, seed=1)
+    video, text = tw.render(s, 36), tw.caption(s)
+    sc = E.score(video, text, segment_frames=12)
+    assert set(sc) == set(E.METRICS) and all(isinstance(v, float) for v in sc.values())
+    seg = E.per_segment(video, text, segment_frames=12)
+    assert all(len(v) == 3 for v in seg.values()) and seg["fidelity"] == [1.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- evaluate() and the CLI
+
+
+def small_cfg(**kw):
+    return E.EvalConfig(num_captions=2, seeds=[0], num_frames=12, batch_size=2, segment_frames=6, **kw)
+
+
+def test_evaluate_smoke():
+    model, te = tiny_student_and_encoder()
+    result = E.evaluate(model, te, small_cfg(), log=lambda *a: None)
+    for m in E.METRICS:
+        assert math.isfinite(result["model"][m]["mean"]) and math.isfinite(result["model"][m]["std"])
+    assert result["videos"].shape == (2, 3, 12, 16, 16) and result["videos"].abs().max() <= 1
+    assert result["world"]["fidelity"]["mean"] == 1.0 and result["static"]["dynamics"]["mean"] == 0.0
+    assert result["segments"]["frame_end"] == [6, 12] and len(result["segments"]["model"]["fidelity"]) == 2
+
+
+def test_cli_writes_table_pictures_and_json(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, te = tiny_student_and_encoder()
+    save_safetensors(model, tmp_path / "student.safetensors")
+    (tmp_path / "toy" / "text_encoder").mkdir(parents=True)
+    te.tokenizer.tok.save(str(tmp_path / "toy" / "tokenizer.json"))
+    c = te.encoder.cfg
+    save_file(te.encoder.state_dict(), tmp_path / "toy" / "text_encoder" / "model.safetensors")
+    (tmp_path / "toy" / "text_encoder" / "config.json").write_text(json.dumps(dict(
+        vocab_size=c.vocab, d_model=c.dim, d_kv=c.dim_attn // c.num_heads, d_ff=c.dim_ffn, num_heads=c.num_heads,
+        num_layers=c.num_layers, relative_attention_num_buckets=c.num_buckets,
+        relative_attention_max_distance=c.max_distance, layer_norm_epsilon=c.eps)))
+    E.main([f"--ckpt={tmp_path / 'student.safetensors'}", f"--text_encoder={tmp_path / 'toy'}", "--num_captions=2",
+            "--num_frames=12", "--segment_frames=6", "--seeds=0", "--seeds=1", "--mode=static",
+            f"--out_png={tmp_path / 'grid.png'}", f"--curve_png={tmp_path / 'curve.png'}"])
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    assert last["num_videos"] == 4 and set(last["model"]) == set(E.METRICS)
+    assert any(line.startswith("model ") for line in out) and any(line.startswith("static ") for line in out)
+    import imageio.v2 as imageio
+
+    assert imageio.imread(tmp_path / "grid.png").shape[2] == 3 and imageio.imread(tmp_path / "curve.png").ndim == 3
