@@ -345,6 +345,10 @@ class Tokenizer:
             tok.save(f"{d}/tokenizer.json")
             return cls(f"{d}/tokenizer.json", text_len)
 
+    def save(self, path):
+        """Write the tokenizer.json this Tokenizer reads (special-token handling is ours, not the file's)."""
+        self.tok.save(str(path))
+
     def __call__(self, prompts):  # list[str] -> ids (B, text_len) long, mask (B, text_len) long
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -1,7 +1,10 @@
 """
 Reward Forcing training: one process, or many with torchrun (DDP for small models, FSDP2 for 1.3B / 14B).
 
-Two stages, one command each (paper §4 "Implementation details"):
+Two stages, one command each (paper §4 "Implementation details"), after an optional teacher for toy worlds:
+
+  --stage=teacher  Bidirectional flow-matching pretraining of a small teacher on the toy world (data/toyworld.py);
+                   the real recipe starts from Wan2.1 instead.
 
   --stage=ode    ODE initialisation. The bidirectional teacher samples ODE trajectories (48 Euler steps, shift 8,
                  CFG 6 against the negative prompt) into a shard folder; the causal student learns to jump from the
@@ -38,7 +41,7 @@ from sink import SinkCache, rollout
 
 @dataclass
 class TrainConfig:
-    stage: str = field(default="redmd", metadata={"help": "ode (ODE initialisation) or redmd (Re-DMD)"})
+    stage: str = field(default="redmd", metadata={"help": "teacher (toy pretraining), ode (ODE initialisation) or redmd (Re-DMD)"})
     out_dir: str = field(default="out", metadata={"help": "checkpoints, logs and ODE pairs go here"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/<stage>/latest"})
     # models
@@ -61,6 +64,11 @@ class TrainConfig:
     alpha: float = field(default=0.999, metadata={"help": "EMA-Sink momentum"})
     student_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250], metadata={"help": "student schedule before the shift (repeat the flag)"})
     student_shift: float = field(default=5.0, metadata={"help": "sigma shift of the student's schedule and of DMD's timesteps"})
+    # teacher stage (toy world)
+    teacher_shift: float = field(default=3.0, metadata={"help": "teacher pretraining: sigma shift of the sampled timesteps"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "teacher pretraining: share of empty captions (for CFG)"})
+    lr_teacher: float = field(default=3e-4, metadata={"help": "teacher pretraining learning rate"})
+    teacher_ema: float = field(default=0.999, metadata={"help": "teacher pretraining: EMA decay of the saved teacher"})
     # ODE stage
     ode_pairs: int = field(default=16000, metadata={"help": "teacher trajectories to sample (paper: 16k)"})
     ode_steps: int = field(default=48, metadata={"help": "teacher Euler steps"})
@@ -223,6 +231,13 @@ def load_optim_state(model, opt, sd):
 # models, text, pixels, reward
 
 
+def resolve(path, name):
+    """A stage folder (out/toy/teacher) means its latest checkpoint's `name`.safetensors; anything else is as given."""
+    if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "latest")):
+        return os.path.join(latest_checkpoint(path), f"{name}.safetensors")
+    return path
+
+
 def load_model(path, cfg, what):
     """A WanModel in fp32 on DEVICE: from a checkpoint, or randomly initialised from the preset (seeded: every rank
     builds the same weights)."""
@@ -255,7 +270,8 @@ def text_encoder(cfg, prompts, model_cfg):
     if cfg.negative_prompt is None:
         cfg.negative_prompt = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
     if cfg.text_encoder:
-        te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=torch.bfloat16 if DEVICE.type == "cuda" else None, device=DEVICE)
+        te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=torch.bfloat16 if DEVICE.type == "cuda" else None,
+                                         device=DEVICE, text_len=model_cfg.text_len)
     else:
         words = sorted({w for p in prompts + [cfg.negative_prompt] for w in p.split()})
         tok = Tokenizer.from_words(words, text_len=model_cfg.text_len)
@@ -381,6 +397,64 @@ def check_finite(name, value, step, stage_dir):
         last = latest_checkpoint(stage_dir)
         raise RuntimeError(f"{name} loss is {value} at step {step}: stopping. The last good checkpoint is "
                            f"{last or '(none written yet)'}; lower the learning rate or check the data, then --resume.")
+
+
+# -----------------------------------------------------------------------------
+# stage 0 (toy worlds): a bidirectional teacher by flow matching
+
+
+def train_teacher(cfg, stage_dir):
+    """Flow matching (x_t = (1 - s) x0 + s eps, target v = eps - x0) on clips of the procedural world, with a share
+    of empty captions so the teacher can do classifier-free guidance. The saved teacher is the EMA."""
+    from data import toyworld
+
+    torch.manual_seed(cfg.seed)
+    model = WanModel(PRESETS[cfg.model]).to(DEVICE)
+    if model.cfg.in_dim != 3:
+        raise SystemExit(f"the toy world's latents are RGB frames: the {cfg.model} preset has in_dim={model.cfg.in_dim}")
+    if cfg.height != cfg.width:
+        raise SystemExit(f"toy world frames are square: height={cfg.height}, width={cfg.width}")
+    encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], model.cfg)  # the vocabulary, for a tiny random one
+    model.grad_ckpt = cfg.grad_ckpt
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    net, ema = wrap(model.train(), cfg, True), wrap(ema, cfg, False)
+    opt = adamw(net, cfg.lr_teacher, cfg)
+    models, opts = {"teacher": net, "teacher_ema": ema}, {"teacher": (net, opt)}
+    start = 0
+    if cfg.resume and latest_checkpoint(stage_dir):
+        start, _ = load_checkpoint(latest_checkpoint(stage_dir), models, opts)
+    logger = Logger(cfg, stage_dir)
+    fm = FlowMatch(cfg.teacher_shift)
+    for step in range(start + 1, cfg.max_iters + 1):
+        t0 = time.perf_counter()
+        g = rng(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(2**31 - 1, (cfg.batch_size,), generator=g, device=DEVICE).tolist()
+            clips = [toyworld.clip(i, cfg.num_frames, cfg.height, seed=cfg.seed) for i in idx]
+            x0 = torch.stack([c[0] for c in clips]).to(DEVICE)  # (B, 3, F, S, S) in [-1, 1]
+            drop = torch.rand(len(idx), generator=g, device=DEVICE) < cfg.caption_dropout
+            caps = ["" if d else c[1] for c, d in zip(clips, drop.tolist())]
+            t = fm.sample_t(len(idx), g, DEVICE, 0.0, 1000.0)
+            eps = torch.randn(x0.shape, generator=g, device=DEVICE)
+            with grad_sync(net, micro == cfg.grad_accum - 1), autocast(cfg):
+                loss = dmd.critic_loss(net(fm.add_noise(x0, eps, t), t, encode(caps)), eps, x0) / cfg.grad_accum
+                loss.backward()
+            total += loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        loss_avg = all_mean(total).item()
+        check_finite("teacher", loss_avg, step, stage_dir)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p.detach(), 1.0 - (cfg.teacher_ema if step > 1 else 0.0))
+        if step % cfg.log_interval == 0:
+            logger({"step": step, "fm_loss": loss_avg, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+                    "s_per_it": time.perf_counter() - t0})
+        if step % cfg.save_interval == 0 or step == cfg.max_iters:
+            save_checkpoint(cfg, stage_dir, step, models, opts, None)
+    return ema
 
 
 # -----------------------------------------------------------------------------
@@ -666,8 +740,10 @@ def fingerprint(model):
 
 def main(argv=None):
     cfg = configure(TrainConfig(), argv, doc=__doc__)
-    if cfg.stage not in ("ode", "redmd"):
-        raise SystemExit(f"--stage must be ode or redmd, got {cfg.stage!r}")
+    if cfg.stage not in ("teacher", "ode", "redmd"):
+        raise SystemExit(f"--stage must be teacher, ode or redmd, got {cfg.stage!r}")
+    cfg.teacher = resolve(cfg.teacher, "teacher_ema")  # a teacher stage folder -> its EMA weights
+    cfg.student = resolve(cfg.student, "generator")
     if cfg.num_frames % cfg.chunk_frames:
         raise SystemExit(f"num_frames={cfg.num_frames} must be a multiple of chunk_frames={cfg.chunk_frames}")
     setup(cfg)
@@ -678,7 +754,7 @@ def main(argv=None):
         dist.barrier()
     log(f"{cfg.stage}: {WORLD} process(es) on {DEVICE}, {cfg.dtype}, {cfg.dist if WORLD > 1 else 'single'}")
     try:
-        gen = (train_ode if cfg.stage == "ode" else train_redmd)(cfg, stage_dir)
+        gen = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}[cfg.stage](cfg, stage_dir)
         fp = fingerprint(gen)
         print(f"rank {RANK} generator fingerprint {fp:.10e}", flush=True)
     finally:

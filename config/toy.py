@@ -1,0 +1,30 @@
+# The toy world (data/toyworld.py) at CPU size: every stage of the recipe, one command each (README "Toy world").
+#   python train.py config/toy.py --stage=teacher --max_iters=...
+#   python train.py config/toy.py --stage=ode --max_iters=...
+#   python train.py config/toy.py --stage=redmd --max_iters=...
+model = "toy"  # model.PRESETS["toy"]: RGB 16x16 frames are the latents, no VAE
+text_encoder = "data/toy"  # written by data/prepare_toy.py: word tokenizer + frozen random tiny umT5
+prompts = "data/toy/prompts.txt"
+negative_prompt = ""  # the teacher learns the unconditional branch from empty captions
+out_dir = "out/toy"
+teacher = "out/toy/teacher"  # the teacher stage's folder: its latest EMA weights
+num_frames = 12  # 4 chunks of 3 frames; evaluation streams 120+
+height = 16
+width = 16
+batch_size = 8
+# teacher
+lr_teacher = 5e-4
+teacher_shift = 3.0
+# ODE pairs: fewer teacher steps than Wan's 48 suffice for a world this simple
+ode_pairs = 512
+ode_steps = 24
+ode_shift = 5.0
+ode_guidance = 3.0
+# Re-DMD at toy scale: the paper's 2e-6 / 4e-7 fine-tune a 1.3B model; same 5:1 ratio here
+lr_gen = 1e-4
+lr_critic = 2e-5
+gen_every = 5
+ema_start = 50
+real_guidance = 3.0
+save_interval = 100
+log_interval = 10
