@@ -33,7 +33,8 @@ import torch
 
 from config import configure
 from model import PRESETS, WanConfig, WanModel
-from sample import cast_like_wan, opt, peak_rss_mb, pick_device, pick_dtype, rss_mb, sync, to_uint8
+from config import pick_device, pick_dtype
+from sample import cast_like_wan, opt, peak_rss_mb, rss_mb, sync, to_uint8
 from sink import SinkCache, rollout
 from vae import VAE_PRESETS, WanVAE
 

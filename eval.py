@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import configure
+from config import configure, pick_device
 from data import toyworld
 from sink import MODES, SinkCache, rollout
 
@@ -321,14 +321,6 @@ class EvalConfig:
     png_frames: int = field(default=20, metadata={"help": "frames per video in --out_png, evenly spaced"})
     curve_png: str = field(default="", metadata={"help": "write dynamics (top) and fidelity (bottom) per segment "
                                                           "against rollout length here (red: model, gray: world clips)"})
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
 
 
 @torch.inference_mode()

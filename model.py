@@ -138,7 +138,9 @@ def linear(mod, x):
 # attention
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """Projections shared by self- and cross-attention: q, k, v, o and the RMS norms of q and k (over the full width)."""
+
     def __init__(self, cfg):
         super().__init__()
         D = cfg.dim
@@ -147,6 +149,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(Attention):
     def forward(self, x, rope, layer, cache=None, chunks=None):
         """x (B, L, D). rope = (cos_q, sin_q, cos_k, sin_k), each (L_q or L_k, head_dim/2).
         cache: streaming state (sink.py): the chunk's un-roped K/V go in, the window's K/V come out.
@@ -196,15 +200,7 @@ def chunk_causal_attention(q, k, v, T, C, W, S):
     return torch.cat(out, dim=2)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        D = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
-        self.norm_q = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(D, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(Attention):
     def kv(self, ctx):
         """ctx (B, text_len, D) -> K, V (B, text_len, H, Dh). Cached per prompt when streaming."""
         k = self.norm_k(linear(self.k, ctx)).unflatten(-1, (self.num_heads, -1))
@@ -624,10 +620,10 @@ def config_from_state_dict(sd, cfg_json, src, num_heads=None):
     return WanConfig(**kw)
 
 
-def check_state_dict(sd, cfg, src):
-    """Strict key and shape check against a meta-device model: one error listing everything wrong."""
-    with torch.device("meta"):
-        ref = {k: tuple(v.shape) for k, v in WanModel(cfg).state_dict().items()}
+def check_keys(sd, module, src, what):
+    """Strict key and shape check of a state dict against `module` (built on the meta device: no memory): one
+    CheckpointError naming the file and listing the missing, unexpected and mis-shaped keys (first 5, with counts)."""
+    ref = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     wrong = [f"{k}: {tuple(sd[k].shape)} != expected {ref[k]}" for k in ref if k in sd and tuple(sd[k].shape) != ref[k]]
@@ -636,12 +632,13 @@ def check_state_dict(sd, cfg, src):
         def part(title, items):
             return f"\n  {len(items)} {title}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else ""
 
-        raise CheckpointError(
-            f"{src}: does not match a WanModel with {cfg}"
-            + part("missing", missing)
-            + part("unexpected", unexpected)
-            + part("mis-shaped", wrong)
-        )
+        raise CheckpointError(f"{src}: does not match {what}" + part("missing", missing) + part("unexpected", unexpected)
+                              + part("mis-shaped", wrong))
+
+
+def check_state_dict(sd, cfg, src):
+    with torch.device("meta"):
+        check_keys(sd, WanModel(cfg), src, f"a WanModel with {cfg}")
 
 
 def save_safetensors(model_or_sd, path, cfg=None):

@@ -84,7 +84,7 @@ class MotionReward:
 # Module names are those of transformers' Qwen2-VL as VideoAlign saved them (`visual.*`, `model.layers.*`, `rm_head`),
 # so the merged checkpoint loads as a strict copy; other layouts go through the one table QWEN_RENAMES.
 
-from model import CheckpointError, _read_safetensors, save_safetensors  # one error type and writer for every loader
+from model import CheckpointError, _read_safetensors, check_keys, save_safetensors  # shared by every loader
 
 VIDEOALIGN_WHERE = "Hugging Face KwaiVGI/VideoReward: checkpoint-11352/model.pth (+ model_config.json)"
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -600,21 +600,9 @@ def load_videoalign_state_dict(path, config=None, lora_alpha=None):
 
 def check_videoalign_state_dict(sd, cfg, src):
     """Strict key and shape check against a meta-device model: one error listing everything wrong, with counts."""
+    name = next((n for n, c in QWEN_PRESETS.items() if c == cfg), None)
     with torch.device("meta"):
-        ref = {k: tuple(v.shape) for k, v in VideoAlignModel(cfg).state_dict().items()}
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    wrong = [f"{k}: {tuple(sd[k].shape)} != expected {ref[k]}" for k in ref if k in sd and tuple(sd[k].shape) != ref[k]]
-    if missing or unexpected or wrong:
-
-        def part(title, items):
-            return f"\n  {len(items)} {title}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else ""
-
-        name = next((n for n, c in QWEN_PRESETS.items() if c == cfg), None)
-        raise CheckpointError(
-            f"{src}: does not match a VideoAlignModel ({f'preset {name!r}' if name else cfg})"
-            + part("missing", missing) + part("unexpected", unexpected) + part("mis-shaped", wrong)
-        )
+        check_keys(sd, VideoAlignModel(cfg), src, f"a VideoAlignModel ({f'preset {name!r}' if name else cfg})")
 
 
 def convert(src, dst, dtype=None, config=None, lora_alpha=None):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from config import configure
+from config import configure, pick_device, pick_dtype
 from model import PRESETS, CheckpointError, WanModel, param_dtype
 from sink import MODES, SinkCache, rollout
 
@@ -86,22 +86,6 @@ class SampleConfig:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"--dtype takes float32, bfloat16, float16 or auto, got {name!r}")
-    return getattr(torch, name)
 
 
 def sync(device):

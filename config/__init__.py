@@ -18,6 +18,8 @@ import difflib
 import sys
 import typing
 
+import torch
+
 
 def _parse(name, tp, text):
     origin = typing.get_origin(tp)
@@ -112,3 +114,21 @@ def configure(cfg, argv=None, doc=""):
         else:
             setattr(cfg, key, parsed)
     return cfg
+
+
+def pick_device(name):
+    """A --device setting -> torch.device; 'auto' is the current accelerator (CUDA, MPS, ...) if any, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    """A --dtype setting -> torch dtype; 'auto' is fp32 on the CPU and bf16 on an accelerator."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype takes float32, bfloat16, float16 or auto, got {name!r}")
+    return getattr(torch, name)
