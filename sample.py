@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,10 @@ WAN_WHERE = ("the Wan2.1-T2V-1.3B folder from https://huggingface.co/Wan-AI/Wan2
              "(or https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
 # the paper's interactive example (Fig. 7)
 DEFAULT_SCHEDULE = ["0:An empty glass on a rustic wooden table", "5:Dark coffee streams into the empty glass"]
+TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"  # the toy world's text encoder and trained student
+TOY_STUDENT = TOY_DIR / "student.safetensors"
+TOY_SCHEDULE = ["0:a red circle moves right fast on a gray background",
+                "4:a blue triangle moves down slowly on a white background and the camera pans left"]
 
 
 def opt(default, help, factory=None):
@@ -83,6 +88,8 @@ class SampleConfig:
     warmup_chunks: int = opt(-1, "chunks left out of the FPS numbers (-1: until the window is full, when every "
                                  "compiled graph exists)")
     quality: int = opt(8, "mp4 quality 0-10 (imageio-ffmpeg, libx264)")
+    random_tiny: bool = opt(False, "with no --ckpt / --wan: a tiny model with RANDOM weights and a tiny Wan VAE "
+                                   "instead of the toy student (exercises the real pipeline's shapes; tests)")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -266,6 +273,28 @@ def load_tiny(device, dtype):
     return model, te, vae
 
 
+class PixelFrames(torch.nn.Module):
+    """The toy world's "VAE": its latents are RGB frames already (temporal stride 1), so decoding only enlarges
+    them, nearest neighbour, `scale` times for viewing."""
+
+    def __init__(self, scale=8):
+        super().__init__()
+        self.cfg = SimpleNamespace(temporal_stride=1, spatial_stride=scale, z_dim=3)
+
+    def stream_decoder(self):
+        s = self.cfg.spatial_stride
+        return lambda z: torch.nn.functional.interpolate(z.float().clamp(-1, 1), scale_factor=(1, s, s), mode="nearest")
+
+
+def load_toy(device, dtype):
+    """The embedded default: the toy student trained on data/toyworld.py (README 'Toy world'), its text encoder."""
+    from t5 import TextEncoder
+
+    model = WanModel.from_pretrained(TOY_STUDENT, dtype=dtype, device=device)
+    te = TextEncoder.from_pretrained(TOY_DIR, dtype=dtype, device=device, text_len=model.cfg.text_len)
+    return model, te, PixelFrames(8)
+
+
 WAN_FILES = [  # (what, accepted paths inside the Wan folder: original layout first, then Diffusers)
     ("tokenizer", ["google/umt5-xxl/tokenizer.json", "tokenizer/tokenizer.json", "tokenizer.json"]),
     ("umT5 text encoder", ["models_t5_umt5-xxl-enc-bf16.pth", "text_encoder"]),
@@ -411,7 +440,7 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                 x0 = next(chunks)
                 sync(device)  # measurement: DiT time alone
                 t1 = time.perf_counter()
-                frames = dec(x0.to(vae.conv2.weight.dtype))
+                frames = dec(x0.to(next(vae.parameters(), p).dtype))
                 sync(device)  # measurement: VAE time alone
                 t2 = time.perf_counter()
                 pixels = to_uint8(frames)
@@ -471,7 +500,16 @@ def main(argv=None):
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
 
-    if not cfg.ckpt and not cfg.wan:
+    schedule_default = DEFAULT_SCHEDULE
+    if not cfg.ckpt and not cfg.wan and TOY_STUDENT.exists() and not cfg.random_tiny:
+        print(f"sample.py: no --ckpt / --wan given, so this streams the embedded default: the toy student "
+              f"({TOY_STUDENT.relative_to(TOY_DIR.parent.parent)}, trained on CPU by the recipe in README 'Toy world') "
+              "on the toy world's captions, 16x16 frames shown 8x larger. For real videos pass --ckpt rewardforcing.pt "
+              "and --wan Wan2.1-T2V-1.3B/ (README 'Weights').")
+        model, te, vae = load_toy(device, dtype)
+        cfg.height, cfg.width = cfg.height or 128, cfg.width or 128
+        schedule_default = TOY_SCHEDULE
+    elif not cfg.ckpt and not cfg.wan:
         print("sample.py: no --ckpt / --wan given, so this runs the embedded default: a tiny model with RANDOM weights "
               "(DiT 2 layers of width 64, umT5 2 layers of width 32 with a small word-level tokenizer, VAE of base "
               "width 8) that runs the whole pipeline: prompts -> text encoder -> EMA-Sink streaming DiT -> streaming "
@@ -500,7 +538,7 @@ def main(argv=None):
         if not jobs:
             raise SystemExit(f"--prompts {cfg.prompts}: no prompts in it")
     else:
-        jobs = [(parse_schedule(cfg.prompt or DEFAULT_SCHEDULE), cfg.out)]
+        jobs = [(parse_schedule(cfg.prompt or schedule_default), cfg.out)]
 
     new_prompts = None
     if cfg.interactive:

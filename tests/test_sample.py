@@ -12,7 +12,7 @@ import sample
 from model import save_safetensors
 
 CPU = torch.device("cpu")
-SMALL = ["--height", "32", "--width", "32"]
+SMALL = ["--height", "32", "--width", "32", "--random_tiny"]  # the random tiny pipeline, not the toy student
 
 
 def read_frames(path):
