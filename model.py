@@ -57,8 +57,9 @@ PRESETS = {
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # CPU-sized: 4 heads of 16 channels, so the 3D RoPE split (8/4/4) is non-trivial
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
-    # the toy world's models (config/toy.py): RGB frames as latents, 24-channel heads (RoPE split 8/8/8)
-    "toy": WanConfig(dim=96, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=24, in_dim=3, out_dim=3),
+    # the toy world's models (config/toy.py): RGB frames as latents, 24-channel heads (RoPE split 8/8/8),
+    "toy": WanConfig(dim=96, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=24, in_dim=3,
+                     out_dim=3, patch_size=(1, 4, 4)),  # 16 tokens per 16x16 frame: a CPU trains it in minutes
 }
 
 # -----------------------------------------------------------------------------
@@ -276,6 +277,22 @@ class WanModel(nn.Module):
         self.head = Head(cfg)
         self.grad_ckpt = False  # recompute each block in backward (not in streaming calls: the cache is mutable)
         self.init_rope()
+
+    def init_weights(self):
+        """Wan's initialisation for training from scratch (the toy teacher): xavier-uniform linears with zero biases,
+        the patch embedding likewise, N(0, 0.02) text and time embedders, and a zero output head, so every block
+        starts as a small perturbation and the first prediction is 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in (*self.text_embedding, *self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        return self
 
     def init_rope(self, device=None):
         """(Re)build the RoPE tables; non-persistent, so they are rebuilt after a meta-device load."""

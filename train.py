@@ -409,7 +409,7 @@ def train_teacher(cfg, stage_dir):
     from data import toyworld
 
     torch.manual_seed(cfg.seed)
-    model = WanModel(PRESETS[cfg.model]).to(DEVICE)
+    model = WanModel(PRESETS[cfg.model]).init_weights().to(DEVICE)
     if model.cfg.in_dim != 3:
         raise SystemExit(f"the toy world's latents are RGB frames: the {cfg.model} preset has in_dim={model.cfg.in_dim}")
     if cfg.height != cfg.width:

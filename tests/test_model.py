@@ -324,3 +324,15 @@ def test_training_folders_pick_one_file(tiny_sd, tmp_path):
     save_safetensors(tiny_sd, str(other / "b.safetensors"))
     with pytest.raises(CheckpointError, match=r"two: holds \['a.safetensors', 'b.safetensors'\]; pass key="):
         WanModel.from_pretrained(other)
+
+
+def test_init_weights_is_wans():
+    torch.manual_seed(0)
+    m = WanModel(PRESETS["tiny"]).init_weights()
+    assert torch.equal(m.head.head.weight, torch.zeros_like(m.head.head.weight))
+    assert torch.equal(m.blocks[0].ffn[0].bias, torch.zeros_like(m.blocks[0].ffn[0].bias))
+    w = m.blocks[0].self_attn.q.weight  # xavier uniform: |w| <= sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= (6 / (2 * 64)) ** 0.5 and w.std() > 0.5 * (2 / (2 * 64)) ** 0.5
+    assert abs(m.text_embedding[0].weight.std().item() - 0.02) < 0.002
+    with torch.no_grad():
+        assert m(torch.randn(1, 16, 3, 4, 4), torch.tensor([500.0]), torch.randn(1, 4, 32)).abs().max() == 0
