@@ -11,20 +11,20 @@ teacher = "out/toy/teacher"  # the teacher stage's folder: its latest EMA weight
 num_frames = 12  # 4 chunks of 3 frames; evaluation streams 120+
 height = 16
 width = 16
-batch_size = 8
+batch_size = 8  # the teacher stage: --batch_size=16
 # teacher
 lr_teacher = 5e-4
 teacher_shift = 3.0
 # ODE pairs: fewer teacher steps than Wan's 48 suffice for a world this simple
 ode_pairs = 512
 ode_steps = 24
-ode_shift = 5.0
-ode_guidance = 3.0
+ode_shift = 3.0  # the teacher trained at shift 3
+ode_guidance = 2.0  # CFG 3 bled the object colour into the background on this small teacher
 # Re-DMD at toy scale: the paper's 2e-6 / 4e-7 fine-tune a 1.3B model; same 5:1 ratio here
 lr_gen = 1e-4
 lr_critic = 2e-5
 gen_every = 5
 ema_start = 50
-real_guidance = 3.0
+real_guidance = 2.0
 save_interval = 100
 log_interval = 10

@@ -23,17 +23,22 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_sample_runs_with_no_arguments(tmp_path):
-    """The embedded default: a tiny random model streams the paper's prompt switch into a playable mp4 and says
-    that its weights are random and where the real ones come from."""
+    """The embedded default: the shipped toy student streams the toy prompt switch into a playable mp4, says what it
+    is and where the real weights come from; the frames are the world's 16x16 pixels shown 8x larger."""
     import imageio.v2 as imageio
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # steadier on a shared machine; the command is unchanged
     out = subprocess.run([sys.executable, str(ROOT / "sample.py")], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert "RANDOM weights" in out.stdout and "--ckpt" in out.stdout and "--wan" in out.stdout
-    assert "chunk 7: prompt -> 'Dark coffee streams into the empty glass'" in out.stdout  # 5 s -> chunk 7
+    assert "the toy student" in out.stdout and "--ckpt" in out.stdout and "--wan" in out.stdout
+    # 4 s -> pixel frame 64 = latent frame 64 (no VAE: stride 1) -> chunk 22 (frames 66..68) is the first after it
+    assert "chunk 22: prompt -> 'a blue triangle moves down slowly on a white background and the camera pans left'" in out.stdout
     with imageio.get_reader(str(tmp_path / "out.mp4")) as r:
         frames = [f for f in r]
-    assert len(frames) == 160 and frames[0].shape == (64, 64, 3)  # 10 s at 16 fps
+    assert len(frames) == 160 and frames[0].shape == (128, 128, 3)  # 10 s at 16 fps
     assert "wrote out.mp4: 160 frames" in out.stdout and "FPS" in out.stdout
+    # nearest-neighbour 8x: every 8x8 block of a frame is one colour (up to mp4 compression)
+    f = frames[80].astype(float)
+    block = f.reshape(16, 8, 16, 8, 3)
+    assert (block - block.mean(axis=(1, 3), keepdims=True)).__abs__().mean() < 12
