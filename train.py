@@ -482,17 +482,17 @@ def sample_ode_pairs(cfg, teacher, encode, prompts, folder):
         g = torch.Generator(device=DEVICE).manual_seed(cfg.seed * 1_000_003 + idx[0])
         x = torch.randn(B, c.in_dim, cfg.num_frames, cfg.height, cfg.width, generator=g, device=DEVICE)
         ctx = torch.cat([encode(ps), neg.expand(B, -1, -1)])  # cond and uncond in one batch
-        kept = []
+        kept = {}  # teacher step -> latent; two student timesteps may share a step on a coarse trajectory
         for i in range(len(ts)):
             if i in keep:
-                kept.append(x.clone())
+                kept[i] = x.clone()
             if i == len(ts) - 1:
                 break
             with autocast(cfg):
                 v = teacher(torch.cat([x, x]), torch.full((2 * B,), ts[i], device=DEVICE), ctx).float()
             v = dmd.cfg(v[:B], v[B:], cfg.ode_guidance)
             x = x + (fm.sigma(ts[i + 1]) - fm.sigma(ts[i])) * v  # Euler step of dx/ds = v
-        lat = torch.stack(kept, dim=1).cpu()
+        lat = torch.stack([kept[i] for i in keep], dim=1).cpu()
         path = os.path.join(folder, f"shard_r{RANK:03d}_{s:07d}.safetensors")
         save_file({"lat": lat.contiguous(), "t": torch.tensor([ts[i] for i in keep])}, path + ".tmp",
                   metadata={"prompts": json.dumps(ps)})
