@@ -559,21 +559,26 @@ def load_state_dict_any(path, key=None):
     return wan_names(sd), cfg_json, src
 
 
-def wan_names(sd):
-    """Strip a prefix shared by every key, then map diffusers names through DIFFUSERS_TO_WAN."""
-    for p in PREFIXES:
+def rename(sd, table, prefixes=()):
+    """Strip each of `prefixes` that every key carries, in order, then map each key through the first matching
+    (regex, replacement) row of `table`. The one renaming mechanism of every loader."""
+    for p in prefixes:
         if sd and all(k.startswith(p) for k in sd):
             sd = {k[len(p) :]: v for k, v in sd.items()}
-    if any(k.startswith("condition_embedder.") for k in sd):
-        out = {}
-        for k, v in sd.items():
-            for pat, rep in DIFFUSERS_TO_WAN:
-                k, n = re.subn(pat, rep, k)
-                if n:
-                    break
-            out[k] = v
-        sd = out
-    return sd
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in table:
+            k, n = re.subn(pat, rep, k)
+            if n:
+                break
+        out[k] = v
+    return out
+
+
+def wan_names(sd):
+    """Strip a prefix shared by every key, then map diffusers names through DIFFUSERS_TO_WAN."""
+    sd = rename(sd, [], PREFIXES)
+    return rename(sd, DIFFUSERS_TO_WAN) if any(k.startswith("condition_embedder.") for k in sd) else sd
 
 
 def config_from_state_dict(sd, cfg_json, src, num_heads=None):

@@ -84,7 +84,7 @@ class MotionReward:
 # Module names are those of transformers' Qwen2-VL as VideoAlign saved them (`visual.*`, `model.layers.*`, `rm_head`),
 # so the merged checkpoint loads as a strict copy; other layouts go through the one table QWEN_RENAMES.
 
-from model import CheckpointError, _read_safetensors, check_keys, save_safetensors  # shared by every loader
+from model import CheckpointError, _read_safetensors, check_keys, rename, save_safetensors  # shared by every loader
 
 VIDEOALIGN_WHERE = "Hugging Face KwaiVGI/VideoReward: checkpoint-11352/model.pth (+ model_config.json)"
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -514,17 +514,7 @@ def merge_lora(sd, alpha, src, use_rslora=False, rank=None):
 
 def videoalign_names(sd):
     """Strip a prefix shared by every key, then map other layouts through QWEN_RENAMES (LoRA must be merged first)."""
-    for p in PEFT_PREFIXES:
-        if sd and all(k.startswith(p) for k in sd):
-            sd = {k[len(p) :]: v for k, v in sd.items()}
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in QWEN_RENAMES:
-            k, n = re.subn(pat, rep, k)
-            if n:
-                break
-        out[k] = v
-    return out
+    return rename(sd, QWEN_RENAMES, PEFT_PREFIXES)
 
 
 def read_lora_config(ckpt_file):
