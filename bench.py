@@ -1,5 +1,5 @@
 """
-The speed protocol (README 'Speed'): what streaming costs, measured in one process, interleaved and repeated.
+The speed protocol (README 'bench.py: the speed protocol'): what streaming costs, measured in one process, interleaved and repeated.
 
     python bench.py                 # on an accelerator: the 1.3B student at 832x480 with the Wan VAE; on CPU: 'mid'
     python bench.py --quick=true    # tiny sizes, a few repeats, aot_eager compile: the test suite runs this (CPU)

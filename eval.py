@@ -28,6 +28,7 @@ rollout, for plotting quality against length.
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -295,8 +296,8 @@ def per_segment(video, caption, segment_frames=12):
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="", metadata={"help": "student checkpoint (a folder, .safetensors or .pt that "
-                                                     "WanModel.from_pretrained reads), e.g. out/toy/redmd"})
+    ckpt: str = field(default="data/toy/student.safetensors", metadata={"help": "student checkpoint (a folder, .safetensors "
+                      "or .pt that WanModel.from_pretrained reads), e.g. out/toy/redmd; default: the shipped toy student"})
     key: str = field(default="", metadata={"help": "dict key of a training checkpoint (default: generator_ema, then generator)"})
     text_encoder: str = field(default="data/toy", metadata={"help": "folder with tokenizer.json and text_encoder/ "
                                                                      "(written by data/prepare_toy.py)"})
@@ -464,11 +465,13 @@ def main(argv=None):
 
     cfg = configure(EvalConfig(), argv, doc=__doc__)
     if not cfg.ckpt:
-        raise SystemExit("--ckpt is required: a toy student trained by `python train.py config/toy.py ...`")
+        raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
     if cfg.mode not in MODES:
         raise SystemExit(f"--mode takes one of {', '.join(MODES)}, got {cfg.mode!r}")
     device = pick_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
+    here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
+    cfg.ckpt, cfg.text_encoder = (p if os.path.exists(p) else os.path.join(here, p) for p in (cfg.ckpt, cfg.text_encoder))
     try:
         model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
         te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=model.cfg.text_len)

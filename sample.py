@@ -59,7 +59,7 @@ def opt(default, help, factory=None):
 @dataclass
 class SampleConfig:
     prompt: list[str] = opt(None, "a prompt, or 'SECONDS:prompt' to start it at that time; repeat for a schedule of "
-                                  "prompt switches (default: the paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)",
+                                  "prompt switches (default: a toy pair for the embedded toy student; with --ckpt the paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)",
                             factory=list)
     prompts: str = opt("", "a text file, one prompt per line: one video each, OUT_000.mp4, OUT_001.mp4, ... "
                            "(blank and # lines skipped)")

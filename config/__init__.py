@@ -98,7 +98,7 @@ def configure(cfg, argv=None, doc=""):
                 value = argv[i]
                 i += 1
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
+            close = difflib.get_close_matches(key, list(fields), n=3) or [f for f in fields if f.startswith(key)][:3]
             raise SystemExit(f"unknown setting --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else "")
                              + " (--help lists them)")
         tp = hints[key]

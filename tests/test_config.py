@@ -36,6 +36,8 @@ def test_overrides_are_typed(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown setting --stpes; did you mean --steps"):
         configure(Cfg(), ["--stpes=3"])
+    with pytest.raises(SystemExit, match="unknown setting --pro; did you mean --prompt"):
+        configure(Cfg(), ["--pro=3"])  # a prefix of a setting's name is suggested too
     with pytest.raises(SystemExit, match="--steps takes an int, got 'many'"):
         configure(Cfg(), ["--steps=many"])
     with pytest.raises(SystemExit, match="--compile takes true or false"):
