@@ -24,7 +24,6 @@ import queue
 import re
 import resource
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -241,33 +240,23 @@ TINY_WORDS = (
 ).split()
 
 
-def tiny_tokenizer_json(path):
-    """A word-level tokenizer.json for the tiny T5 (<pad> 0, </s> 1, <unk> 2, lower-cased words), built in memory."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, normalizers, pre_tokenizers
+def tiny_tokenizer(text_len):
+    """A word-level tokenizer over TINY_WORDS (<pad> 0, </s> 1, <unk> 2, lower-cased input) for the tiny T5."""
+    from t5 import Tokenizer
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in TINY_WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-    return len(vocab)
+    return Tokenizer.from_words(TINY_WORDS, text_len=text_len, lowercase=True)
 
 
 def load_tiny(device, dtype):
     """The embedded default: a tiny DiT, umT5 and VAE with RANDOM weights (seed 0), for exercising the pipeline."""
-    from t5 import T5_PRESETS, T5Config, T5Encoder, TextEncoder, Tokenizer
+    from t5 import T5_PRESETS, T5Config, T5Encoder, TextEncoder
     from vae import VAE_PRESETS, WanVAE
 
     torch.manual_seed(0)
     model = cast_like_wan(WanModel(PRESETS["tiny"]).to(device), dtype).eval()
     t5cfg = T5Config(**{**vars(T5_PRESETS["tiny"]), "dim": model.cfg.text_dim, "text_len": model.cfg.text_len})
-    with tempfile.TemporaryDirectory() as tmp:
-        n = tiny_tokenizer_json(Path(tmp) / "tokenizer.json")
-        assert n <= t5cfg.vocab, "tiny vocabulary larger than the tiny T5's embedding"
-        tok = Tokenizer(Path(tmp) / "tokenizer.json", text_len=model.cfg.text_len)
+    tok = tiny_tokenizer(model.cfg.text_len)
+    assert tok.tok.get_vocab_size() <= t5cfg.vocab, "tiny vocabulary larger than the tiny T5's embedding"
     te = TextEncoder(tok, T5Encoder(t5cfg)).to(device=device, dtype=dtype).eval()
     vae = WanVAE(VAE_PRESETS["tiny"]).to(device=device, dtype=dtype).eval()
     return model, te, vae

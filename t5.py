@@ -328,18 +328,20 @@ class Tokenizer:
                 raise ValueError(f"{path}: {token} has id {got}, expected {want}")
 
     @classmethod
-    def from_words(cls, words, text_len=512):
+    def from_words(cls, words, text_len=512, lowercase=False):
         """A word-level tokenizer over `words` (ids: <pad> 0, </s> 1, <unk> 2, then the words in order), for toy
-        worlds and tests where a tiny random encoder stands in for umT5."""
+        worlds and tests where a tiny random encoder stands in for umT5. lowercase: lower-case the input first."""
         import tempfile
 
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers
+        from tokenizers import models, normalizers, pre_tokenizers
 
         vocab = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": 2}
         for w in words:
             vocab.setdefault(w, len(vocab))
         tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         with tempfile.TemporaryDirectory() as d:
             tok.save(f"{d}/tokenizer.json")
