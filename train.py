@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import dmd
-from config import configure
+from config import configure, pick_device
 from dmd import FlowMatch
 from model import PRESETS, WanModel, save_safetensors
 from sink import SinkCache, rollout
@@ -120,13 +120,12 @@ RANK, WORLD, DEVICE = 0, 1, torch.device("cpu")
 
 def setup(cfg):
     global RANK, WORLD, DEVICE
-    cuda = torch.cuda.is_available() and cfg.device in ("auto",) or cfg.device.startswith("cuda")
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    DEVICE = pick_device(cfg.device)
+    if "RANK" in os.environ:  # torchrun: one process per device
+        dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    else:
-        DEVICE = torch.device("cuda" if cuda and cfg.device == "auto" else ("cpu" if cfg.device == "auto" else cfg.device))
+        if DEVICE.type == "cuda":
+            DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if DEVICE.type == "cuda":
         torch.cuda.set_device(DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -154,6 +153,18 @@ def rng(cfg, step, shared=False):
     g = torch.Generator(device=DEVICE)
     g.manual_seed(cfg.seed * 1_000_003 + step * 1009 + (0 if shared else 7 * RANK + 1))
     return g
+
+
+def as_float(t):
+    """A scalar tensor (a DTensor under FSDP) as a Python float: for logging only, it syncs with the device."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, parameter by parameter (sharded alike under FSDP)."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
 
 
 def autocast(cfg):
@@ -446,11 +457,9 @@ def train_teacher(cfg, stage_dir):
         loss_avg = all_mean(total).item()
         check_finite("teacher", loss_avg, step, stage_dir)
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p.detach(), 1.0 - (cfg.teacher_ema if step > 1 else 0.0))
+        ema_update(ema, net, cfg.teacher_ema if step > 1 else 0.0)
         if step % cfg.log_interval == 0:
-            logger({"step": step, "fm_loss": loss_avg, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+            logger({"step": step, "fm_loss": loss_avg, "grad_norm": as_float(gnorm),
                     "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
             save_checkpoint(cfg, stage_dir, step, models, opts, None)
@@ -589,7 +598,7 @@ def train_ode(cfg, stage_dir):
         check_finite("ODE", loss_avg, step, stage_dir)
         opt.step()
         if step % cfg.log_interval == 0:
-            logger({"step": step, "ode_loss": loss_avg, "grad_norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+            logger({"step": step, "ode_loss": loss_avg, "grad_norm": as_float(gnorm),
                     "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
             save_checkpoint(cfg, stage_dir, step, {"generator": gen}, {"generator": (gen, opt)}, None)
@@ -690,13 +699,10 @@ def train_redmd(cfg, stage_dir):
             row["gen_loss"] = all_mean(total).item()
             check_finite("generator", row["gen_loss"], step, stage_dir)
             opt_g.step()
-            with torch.no_grad():  # EMA of the generator (a plain copy before ema_start)
-                decay = cfg.ema_decay if step >= cfg.ema_start else 0.0
-                for pe, p in zip(ema.parameters(), gen.parameters()):
-                    pe.lerp_(p.detach(), 1.0 - decay)
+            ema_update(ema, gen, cfg.ema_decay if step >= cfg.ema_start else 0.0)  # a plain copy before ema_start
             row["reward"] = all_mean(torch.cat(rewards).mean()).item()
             row["weight"] = all_mean(torch.cat(weights).mean()).item()
-            row["gen_grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            row["gen_grad_norm"] = as_float(gnorm)
 
         # --- critic: flow matching on fresh generator samples, every iteration -------------------------------
         opt_c.zero_grad(set_to_none=True)
@@ -719,7 +725,7 @@ def train_redmd(cfg, stage_dir):
         row["critic_loss"] = all_mean(total).item()
         check_finite("critic", row["critic_loss"], step, stage_dir)
         opt_c.step()
-        row["critic_grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        row["critic_grad_norm"] = as_float(gnorm)
         row["s_per_it"] = time.perf_counter() - t0
 
         if step % cfg.log_interval == 0:

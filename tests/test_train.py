@@ -140,7 +140,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_compile_and_bf16_autocast_run(tmp_path):
     """--compile wires torch.compile into every model (aot_eager here: inductor takes minutes on a CPU), and bf16
     autocast with gradient checkpointing trains."""
-    out = run(tiny(tmp_path, tmp_path / "c", "--stage=redmd", "--max_iters=2", "--compile=true", "--compile_backend=aot_eager"))
+    run(tiny(tmp_path, tmp_path / "c", "--stage=redmd", "--max_iters=2", "--compile=true", "--compile_backend=aot_eager"))
     assert "gen_loss" in rows(tmp_path / "c" / "redmd" / "log.jsonl")[1]
     run(tiny(tmp_path, tmp_path / "b", "--stage=redmd", "--max_iters=2", "--dtype=bfloat16", "--grad_ckpt=true"))
     assert all(math.isfinite(r["critic_loss"]) for r in rows(tmp_path / "b" / "redmd" / "log.jsonl"))
