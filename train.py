@@ -763,6 +763,8 @@ def main(argv=None):
         gen = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}[cfg.stage](cfg, stage_dir)
         fp = fingerprint(gen)
         print(f"rank {RANK} generator fingerprint {fp:.10e}", flush=True)
+        if WORLD > 1:  # no rank tears gloo/nccl down while another still has work in flight
+            dist.barrier()
     finally:
         if WORLD > 1:
             dist.destroy_process_group()
