@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from weights import CheckpointError, save_safetensors  # noqa: F401  (re-exported while loaders move)
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -464,10 +466,6 @@ def param_dtype(name, tensor, dtype):
     return torch.float32 if FP32_PARAMS.search(name) else dtype
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the model (shared by t5.py and vae.py)."""
-
-
 def _read_safetensors(path, sd):
     from safetensors import safe_open
 
@@ -661,23 +659,6 @@ def check_keys(sd, module, src, what):
 def check_state_dict(sd, cfg, src):
     with torch.device("meta"):
         check_keys(sd, WanModel(cfg), src, f"a WanModel with {cfg}")
-
-
-def save_safetensors(model_or_sd, path, cfg=None):
-    """Write one original-layout safetensors file with the config in its metadata, atomically."""
-    from safetensors.torch import save_file
-
-    if isinstance(model_or_sd, nn.Module):
-        cfg, sd = model_or_sd.cfg, model_or_sd.state_dict()
-    else:
-        sd = model_or_sd
-    sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    meta = {"format": "pt"}
-    if cfg is not None:
-        meta["config"] = json.dumps(asdict(cfg))
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, path)
 
 
 def convert(src, dst, key=None, dtype=None):

@@ -83,6 +83,15 @@ class SinkCache:
         self._ar_r = torch.arange(R, device=device)
         self._ar_t = torch.arange(T, device=device)
 
+    @classmethod
+    def from_settings(cls, model, s, batch, height, width, num_frames=None, dtype=None):
+        """The cache a script's settings describe, the one way train.py, sample.py and eval.py build it.
+        s: any object with chunk_frames, window_frames, sink_frames, sink_mode, alpha (their config);
+        height, width: latent size; num_frames: latent frames of the longest video (sizes the 'full' mode)."""
+        return cls(model, batch, height, width, chunk_frames=s.chunk_frames, window_frames=s.window_frames,
+                   sink_frames=s.sink_frames, mode=s.sink_mode, alpha=s.alpha,
+                   max_frames=num_frames if s.sink_mode == "full" else None, dtype=dtype)
+
     # -- bookkeeping between chunks (eager, a handful of tiny kernels, no host sync) -----------------
 
     def slot(self, g):

@@ -369,6 +369,19 @@ class Tokenizer:
         return ids, mask
 
 
+def tiny_text_encoder(words, dim, text_len, seed=0, lowercase=False):
+    """The one builder of the small stand-in for umT5 used by toy worlds and tests: a word-level tokenizer over
+    `words` and a randomly initialised (seeded, frozen) 2-layer T5Encoder of width `dim` with 4 heads. The toy world
+    writes one to data/toy/ (data/prepare_toy.py); train.py builds one when no --text_encoder is given."""
+    tok = Tokenizer.from_words(words, text_len=text_len, lowercase=lowercase)
+    cfg = T5Config(vocab=tok.tok.get_vocab_size(), dim=dim, dim_attn=dim, dim_ffn=2 * dim,
+                   num_heads=4 if dim % 4 == 0 else 1, num_layers=2, text_len=text_len)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random stream
+        torch.manual_seed(seed)
+        enc = T5Encoder(cfg)
+    return TextEncoder(tok, enc).eval()
+
+
 def _first_file(folder, candidates):
     return next((folder / c for c in candidates if (folder / c).exists()), None)
 

@@ -9,7 +9,7 @@ Configuration, nanoGPT style: every script has one dataclass of settings; the co
   bare `--flag` for true;
   list fields collect every occurrence; None-able fields take `none`). An unknown key is an error that lists
   close matches. `--help` prints the script's docstring and every field with its default and help text.
-- Help text comes from `field(metadata={"help": ...})`.
+- Fields are declared one way: `name: type = opt(default, "help text")` (`opt(factory=list, help=...)` for lists).
 """
 
 import ast
@@ -19,6 +19,13 @@ import sys
 import typing
 
 import torch
+
+
+def opt(default=None, help="", factory=None):
+    """A config field with its --help text: the one way every script's config declares a setting."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _parse(name, tp, text):

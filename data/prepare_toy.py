@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 from data import toyworld  # noqa: E402
 from model import PRESETS  # noqa: E402
-from t5 import T5Config, T5Encoder, Tokenizer  # noqa: E402
+from t5 import tiny_text_encoder  # noqa: E402
 
 
 def main(out=os.path.join(ROOT, "data", "toy"), seed=0, n_prompts=2000):
@@ -27,13 +27,9 @@ def main(out=os.path.join(ROOT, "data", "toy"), seed=0, n_prompts=2000):
 
     dit = PRESETS["toy"]
     os.makedirs(os.path.join(out, "text_encoder"), exist_ok=True)
-    tok = Tokenizer.from_words(toyworld.WORDS, text_len=dit.text_len)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    d = dit.text_dim
-    cfg = T5Config(vocab=len(toyworld.WORDS) + 3, dim=d, dim_attn=d, dim_ffn=2 * d, num_heads=4, num_layers=2,
-                   text_len=dit.text_len)
-    torch.manual_seed(seed)
-    enc = T5Encoder(cfg)
+    te = tiny_text_encoder(toyworld.WORDS, dit.text_dim, dit.text_len, seed=seed)
+    te.tokenizer.save(os.path.join(out, "tokenizer.json"))
+    enc, cfg = te.encoder, te.encoder.cfg
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, os.path.join(out, "text_encoder", "model.safetensors"))
     hf = {"vocab_size": cfg.vocab, "d_model": cfg.dim, "d_kv": cfg.dim_attn // cfg.num_heads, "d_ff": cfg.dim_ffn,
           "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "relative_attention_num_buckets": cfg.num_buckets,
