@@ -8,25 +8,22 @@ One network class serves every use in this repository:
   - streaming, one chunk at a time against a KV cache (sink.py): model(x, t, cache=cache)
 
 Module names are Wan's checkpoint parameter names, so loading the original
-`diffusion_pytorch_model.safetensors` is a strict copy. Every other layout goes through
-the one rename table `DIFFUSERS_TO_WAN` and the prefix list `PREFIXES`.
+`diffusion_pytorch_model.safetensors` is a strict copy; every other layout (Diffusers, the Self /
+Reward Forcing .pt, ComfyUI prefixes) is renamed in weights.py, which also converts them:
 
-    python model.py convert SRC DST.safetensors   # any accepted checkpoint -> original layout
+    python weights.py convert dit SRC DST.safetensors
 """
 
-import json
 import math
-import os
 import re
-import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from weights import CheckpointError, save_safetensors  # noqa: F401  (re-exported while loaders move)
+import weights
 
 # -----------------------------------------------------------------------------
 # config
@@ -107,6 +104,16 @@ def layer_norm(x, eps):
 def modulate(x, shift, scale):
     # x (B, F, T, D) fp32; shift, scale (B, F, 1, D) fp32
     return x * (1 + scale) + shift
+
+
+# kept in fp32 whatever the load dtype: the time path and the modulation tables (as in Wan)
+FP32_PARAMS = re.compile(r"^(time_embedding|time_projection)\.|modulation$")
+
+
+def param_dtype(name, tensor, dtype):
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if FP32_PARAMS.search(name) else dtype
 
 
 class RMSNorm(nn.Module):
@@ -404,293 +411,12 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, key=None, num_heads=None):
-        """Load any accepted checkpoint (see `load_state_dict_any`). Built on the meta device and
-        filled with assign=True, each tensor converted as it is read: no second copy of the weights.
+        """Load any DiT checkpoint layout weights.py accepts (Wan2.1 or Diffusers folders, safetensors, the Self /
+        Reward Forcing .pt, train.py checkpoint folders), strictly, one tensor at a time on the meta-built model.
         dtype: cast the weights (the time embedding and modulation stay fp32, as in Wan).
-        key: which dict of a training checkpoint ('generator_ema' by default when present)."""
-        sd, cfg_json, src = load_state_dict_any(path, key=key)
-        cfg = config_from_state_dict(sd, cfg_json, src, num_heads=num_heads)
-        check_state_dict(sd, cfg, src)
-        with torch.device("meta"):
-            model = cls(cfg)
-        for k in list(sd):  # replace one tensor at a time, so a cast never holds two full copies
-            sd[k] = sd[k].to(device=device, dtype=param_dtype(k, sd[k], dtype))
-        model.load_state_dict(sd, strict=True, assign=True)
+        key: which network of a training checkpoint ('generator_ema' by default when present)."""
+        ckpt, cfg = weights.dit(path, WanConfig, key=key, num_heads=num_heads)
+        model = weights.build(cls, cfg, ckpt, f"a WanModel with {cfg}", lambda k, t: param_dtype(k, t, dtype), device)
         model.init_rope(device=model.patch_embedding.weight.device)
-        return model.eval()
+        return model
 
-
-# -----------------------------------------------------------------------------
-# checkpoint layouts: one rename table, one prefix list, strict checks
-
-# diffusers WanTransformer3DModel name -> Wan name (regex, replacement); shapes are identical
-DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^blocks\.(\d+)\.attn1\.to_q\.", r"blocks.\1.self_attn.q."),
-    (r"^blocks\.(\d+)\.attn1\.to_k\.", r"blocks.\1.self_attn.k."),
-    (r"^blocks\.(\d+)\.attn1\.to_v\.", r"blocks.\1.self_attn.v."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_q\.", r"blocks.\1.cross_attn.q."),
-    (r"^blocks\.(\d+)\.attn2\.to_k\.", r"blocks.\1.cross_attn.k."),
-    (r"^blocks\.(\d+)\.attn2\.to_v\.", r"blocks.\1.cross_attn.v."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # the affine LN before cross-attention
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^scale_shift_table$", "head.modulation"),
-]
-
-# prefixes stripped when every key carries them: ComfyUI repacks, Self/Reward Forcing generators
-PREFIXES = ["model.diffusion_model.", "model.", "_orig_mod.", "module."]
-
-# training checkpoints keep the generator under one of these keys; the first found wins
-GENERATOR_KEYS = ["generator_ema", "generator", "model", "state_dict"]
-# files of a train.py checkpoint folder, in order of preference when no key is given
-FOLDER_KEYS = ["generator_ema", "generator", "teacher_ema", "teacher"]
-
-# kept in fp32 whatever the load dtype: the time path and the modulation tables (as in Wan)
-FP32_PARAMS = re.compile(r"^(time_embedding|time_projection)\.|modulation$")
-
-
-def param_dtype(name, tensor, dtype):
-    if dtype is None or not tensor.is_floating_point():
-        return tensor.dtype
-    return torch.float32 if FP32_PARAMS.search(name) else dtype
-
-
-def _read_safetensors(path, sd):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-    return meta
-
-
-def load_state_dict_any(path, key=None):
-    """Read a DiT checkpoint in any accepted layout -> (state dict with Wan names, config dict or
-    None, description of the source for error messages). Accepted:
-      - a directory with diffusion_pytorch_model.safetensors (+ config.json): original Wan2.1 layout
-      - a Diffusers directory (or its transformer/ subfolder), sharded with an index json
-      - a .safetensors file (original or diffusers names; config in its metadata if we wrote it)
-      - a .pt / .pth torch pickle: flat, or with the generator under 'generator_ema' / 'generator'
-      - a train.py checkpoint folder (or stage folder, through its `latest` pointer): generator_ema.safetensors
-        by default, `key` picks another file (generator, critic, teacher_ema, ...)
-    with 'model.' / 'model.diffusion_model.' prefixes stripped."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path}: no such file or directory. Expected a Wan2.1 DiT checkpoint: a folder of "
-            "Wan-AI/Wan2.1-T2V-1.3B (or -Diffusers), or a .safetensors / .pt file such as rewardforcing.pt"
-        )
-    cfg_json = None
-    sd = {}
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "latest")):  # a train.py stage folder: follow its latest checkpoint
-            with open(os.path.join(path, "latest")) as fh:
-                path = os.path.join(path, fh.read().strip())
-        if os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        names = os.listdir(path)
-        if "config.json" in names:
-            with open(os.path.join(path, "config.json")) as fh:
-                cfg_json = json.load(fh)
-        index = [n for n in names if n.endswith(".safetensors.index.json")]
-        if index:
-            with open(os.path.join(path, index[0])) as fh:
-                shards = sorted(set(json.load(fh)["weight_map"].values()))
-            for s in shards:
-                _read_safetensors(os.path.join(path, s), sd)
-        else:
-            files = sorted(n for n in names if n.endswith(".safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"{path}: no .safetensors weights found (expected diffusion_pytorch_model.safetensors, "
-                    "or a sharded set with *.safetensors.index.json)"
-                )
-            # one file per model: never merge unrelated files. A training checkpoint holds several; `key` picks
-            wanted = [f"{k}.safetensors" for k in ([key] if key else ["diffusion_pytorch_model"] + FOLDER_KEYS)]
-            chosen = next((f for f in wanted if f in files), files[0] if len(files) == 1 and not key else None)
-            if chosen is None:
-                raise CheckpointError(f"{path}: holds {files}; pass key= with the one to load (e.g. key='generator_ema')")
-            meta = _read_safetensors(os.path.join(path, chosen), sd)
-            if cfg_json is None and "config" in meta:
-                cfg_json = json.loads(meta["config"])
-        src = path
-    elif path.endswith(".safetensors"):
-        meta = _read_safetensors(path, sd)
-        if "config" in meta:
-            cfg_json = json.loads(meta["config"])
-        src = path
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            raise CheckpointError(f"{path}: not a torch checkpoint or safetensors file ({err})") from err
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-        if key is not None:
-            if key not in obj:
-                raise CheckpointError(f"{path}: no key {key!r}; top-level keys are {sorted(obj)[:10]}")
-            obj = obj[key]
-        else:
-            for k in GENERATOR_KEYS:
-                if isinstance(obj.get(k), dict):
-                    obj = obj[k]
-                    break
-        sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if not sd:
-            raise CheckpointError(f"{path}: holds no tensors (top-level keys: {sorted(obj)[:10]})")
-        src = path
-    return wan_names(sd), cfg_json, src
-
-
-def rename(sd, table, prefixes=()):
-    """Strip each of `prefixes` that every key carries, in order, then map each key through the first matching
-    (regex, replacement) row of `table`. The one renaming mechanism of every loader."""
-    for p in prefixes:
-        if sd and all(k.startswith(p) for k in sd):
-            sd = {k[len(p) :]: v for k, v in sd.items()}
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in table:
-            k, n = re.subn(pat, rep, k)
-            if n:
-                break
-        out[k] = v
-    return out
-
-
-def wan_names(sd):
-    """Strip a prefix shared by every key, then map diffusers names through DIFFUSERS_TO_WAN."""
-    sd = rename(sd, [], PREFIXES)
-    return rename(sd, DIFFUSERS_TO_WAN) if any(k.startswith("condition_embedder.") for k in sd) else sd
-
-
-def config_from_state_dict(sd, cfg_json, src, num_heads=None):
-    """WanConfig from config.json (original or diffusers keys) where present, with every size that
-    the tensors determine inferred from them and checked against the json."""
-
-    def shape(k):
-        if k not in sd:
-            raise CheckpointError(f"{src}: missing key {k!r}, needed to infer the model size; is this a Wan2.1 DiT checkpoint?")
-        return tuple(sd[k].shape)
-
-    pe = shape("patch_embedding.weight")  # (dim, in_dim, pt, ph, pw)
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    inferred = dict(
-        dim=pe[0],
-        in_dim=pe[1],
-        patch_size=tuple(pe[2:]),
-        text_dim=shape("text_embedding.0.weight")[1],
-        freq_dim=shape("time_embedding.0.weight")[1],
-        ffn_dim=shape("blocks.0.ffn.0.weight")[0],
-        num_layers=max(layers) + 1 if layers else 0,
-        out_dim=shape("head.head.weight")[0] // math.prod(pe[2:]),
-        qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
-        cross_attn_norm="blocks.0.norm3.weight" in sd,
-    )
-    given = {}
-    if cfg_json:
-        j = cfg_json
-        if "num_attention_heads" in j:  # diffusers
-            given = dict(
-                dim=j.get("num_attention_heads", 0) * j.get("attention_head_dim", 0),
-                num_heads=j.get("num_attention_heads"),
-                ffn_dim=j.get("ffn_dim"),
-                num_layers=j.get("num_layers"),
-                freq_dim=j.get("freq_dim"),
-                text_dim=j.get("text_dim"),
-                in_dim=j.get("in_channels"),
-                out_dim=j.get("out_channels"),
-                patch_size=tuple(j["patch_size"]) if "patch_size" in j else None,
-                eps=j.get("eps"),
-                qk_norm=bool(j["qk_norm"]) if "qk_norm" in j else None,
-                cross_attn_norm=j.get("cross_attn_norm"),
-                rope_max_len=j.get("rope_max_seq_len"),
-            )
-        else:  # original Wan config.json, or our own (asdict of WanConfig)
-            names = {f.name for f in fields(WanConfig)}
-            given = {k: (tuple(v) if k == "patch_size" else v) for k, v in j.items() if k in names}
-        given = {k: v for k, v in given.items() if v is not None}
-    for k, v in inferred.items():
-        if k in given and given[k] != v:
-            raise CheckpointError(f"{src}: config says {k}={given[k]} but the tensors give {k}={v}")
-    kw = {**given, **inferred}
-    if num_heads is not None:
-        kw["num_heads"] = num_heads
-    kw.setdefault("num_heads", kw["dim"] // 128)  # no config: every Wan2.1 model has 128-channel heads
-    if kw["num_heads"] < 1 or kw["dim"] % kw["num_heads"]:
-        raise CheckpointError(
-            f"{src}: cannot split dim {kw['dim']} into {kw['num_heads']} heads; the checkpoint has no config, "
-            "so pass num_heads= (Wan2.1 uses 128 channels per head)"
-        )
-    return WanConfig(**kw)
-
-
-def check_keys(sd, module, src, what):
-    """Strict key and shape check of a state dict against `module` (built on the meta device: no memory): one
-    CheckpointError naming the file and listing the missing, unexpected and mis-shaped keys (first 5, with counts)."""
-    ref = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    wrong = [f"{k}: {tuple(sd[k].shape)} != expected {ref[k]}" for k in ref if k in sd and tuple(sd[k].shape) != ref[k]]
-    if missing or unexpected or wrong:
-
-        def part(title, items):
-            return f"\n  {len(items)} {title}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else ""
-
-        raise CheckpointError(f"{src}: does not match {what}" + part("missing", missing) + part("unexpected", unexpected)
-                              + part("mis-shaped", wrong))
-
-
-def check_state_dict(sd, cfg, src):
-    with torch.device("meta"):
-        check_keys(sd, WanModel(cfg), src, f"a WanModel with {cfg}")
-
-
-def convert(src, dst, key=None, dtype=None):
-    """Any accepted checkpoint -> one original-layout safetensors file (checked strictly first)."""
-    sd, cfg_json, where = load_state_dict_any(src, key=key)
-    cfg = config_from_state_dict(sd, cfg_json, where)
-    check_state_dict(sd, cfg, where)
-    for k in list(sd):
-        sd[k] = sd[k].to(param_dtype(k, sd[k], dtype))
-    save_safetensors(sd, dst, cfg)
-    return cfg
-
-
-def main(argv):
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="python model.py",
-        description="Wan2.1 DiT tools. `convert` writes any accepted checkpoint (original or Diffusers folder, "
-        "safetensors, Self/Reward Forcing .pt) as one original-layout safetensors file with its config in the metadata.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="convert a checkpoint to one original-layout safetensors file")
-    c.add_argument("src", help="checkpoint file or folder, e.g. rewardforcing.pt or Wan2.1-T2V-1.3B/")
-    c.add_argument("dst", help="output .safetensors path (written atomically)")
-    c.add_argument("--key", default=None, help="dict key of a training checkpoint (default: generator_ema, then generator)")
-    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
-    a = p.parse_args(argv)
-    dtype = getattr(torch, a.dtype) if a.dtype else None
-    cfg = convert(a.src, a.dst, key=a.key, dtype=dtype)
-    print(f"wrote {a.dst}: {cfg}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -3,11 +3,10 @@
 Prompts are cleaned, tokenized (EOS appended, padded to 512), run through the encoder, and every row past a
 prompt's real length is zeroed: the result [B, 512, 4096] is the DiT's cross-attention context.
 Module names follow Wan's `models_t5_umt5-xxl-enc-bf16.pth`, so that file loads as a strict copy; the
-Hugging Face UMT5EncoderModel layout (Diffusers `text_encoder/`) is renamed through one table (HF_TO_OURS).
+Hugging Face UMT5EncoderModel layout (Diffusers `text_encoder/`) is renamed in weights.py.
 """
 
 import html
-import json
 import math
 import re
 import warnings
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CheckpointError  # one error type for every loader
+import weights
 
 # Wan's default negative prompt.
 NEGATIVE_PROMPT = (
@@ -26,8 +25,6 @@ NEGATIVE_PROMPT = (
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-WHERE_TO_GET = "Hugging Face repos Wan-AI/Wan2.1-T2V-1.3B (Wan layout) or Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 PAD_ID, EOS_ID = 0, 1
 
 
@@ -155,152 +152,10 @@ class T5Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return load_t5_encoder(path, dtype=dtype, device=device)
-
-
-# ----------------------------------------------------------------------------- loading
-
-# Hugging Face UMT5EncoderModel name -> our (= Wan .pth) name. First matching row wins; Wan names match no row.
-HF_TO_OURS = [
-    (r"^shared\.weight$", "token_embedding.weight"),
-    (r"^encoder\.embed_tokens\.weight$", "token_embedding.weight"),  # tied to shared.weight
-    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.", r"blocks.\1.attn.\2."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.", r"blocks.\1.pos_embedding.embedding."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.norm2."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.", r"blocks.\1.ffn.fc2."),
-    (r"^encoder\.final_layer_norm\.", "norm."),
-]
-
-
-def rename_key(key):
-    for pattern, repl in HF_TO_OURS:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
-
-def _listing(keys, n=5):
-    keys = sorted(keys)
-    return f"{len(keys)} [" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not read {path} as JSON: {e}") from e
-
-
-def _resolve(path):
-    """-> (list of weight files, config.json path or None, kind 'safetensors' | 'pth')."""
-    p = Path(path)
-    expected = (f"a Diffusers text_encoder/ folder (config.json + model*.safetensors), Wan's {WAN_T5_FILE}, "
-                "or a folder holding either")
-    if not p.exists():
-        raise FileNotFoundError(f"T5 checkpoint path {p} does not exist; expected {expected}")
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            cfg = p.parent / "config.json"
-            return [p], cfg if cfg.is_file() else None, "safetensors"
-        return [p], None, "pth"
-    if (p / "text_encoder").is_dir():  # Diffusers root folder
-        return _resolve(p / "text_encoder")
-    cfg = p / "config.json" if (p / "config.json").is_file() else None
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise CheckpointError(f"{index} lists no weight files")
-        return [p / s for s in shards], cfg, "safetensors"
-    if (p / "model.safetensors").is_file():
-        return [p / "model.safetensors"], cfg, "safetensors"
-    pths = [p / WAN_T5_FILE] if (p / WAN_T5_FILE).is_file() else sorted(p.glob("*t5*.pth"))
-    if len(pths) == 1:
-        return pths, None, "pth"
-    raise FileNotFoundError(f"no T5 checkpoint found in folder {p}; expected {expected}")
-
-
-def _open_sources(files, kind):
-    """-> {our name: (shape, file, loader, stored name)}; tensors are read only when loader() is called."""
-    entries, dupes = {}, []
-    for f in files:
-        try:
-            if kind == "safetensors":
-                from safetensors import safe_open
-
-                handle = safe_open(str(f), framework="pt", device="cpu")
-                items = [(k, tuple(handle.get_slice(k).get_shape()), (lambda h=handle, k=k: h.get_tensor(k)))
-                         for k in handle.keys()]
-            else:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                    raise CheckpointError("it holds no flat {name: tensor} state dict")
-                items = [(k, tuple(v.shape), (lambda sd=sd, k=k: sd.pop(k))) for k, v in sd.items()]
-        except Exception as e:
-            raise CheckpointError(f"could not read {f} as a T5 encoder checkpoint ({kind}): {e}") from e
-        for key, shape, loader in items:
-            name = rename_key(key)
-            if name in entries:  # shared.weight and encoder.embed_tokens.weight are tied copies: keep one
-                if name != "token_embedding.weight":
-                    dupes.append(key)
-                continue
-            entries[name] = (shape, f, loader, key)
-    return entries, dupes
-
-
-def _config_from(entries, cfg_path, files):
-    if cfg_path is not None:
-        hf_cfg = _read_json(cfg_path)
-        missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in hf_cfg]
-        if missing:
-            raise CheckpointError(f"{cfg_path}: not a UMT5 config, missing fields {missing}")
-        return T5Config(vocab=hf_cfg["vocab_size"], dim=hf_cfg["d_model"], dim_attn=hf_cfg["d_kv"] * hf_cfg["num_heads"],
-                        dim_ffn=hf_cfg["d_ff"], num_heads=hf_cfg["num_heads"], num_layers=hf_cfg["num_layers"],
-                        num_buckets=hf_cfg.get("relative_attention_num_buckets", 32),
-                        max_distance=hf_cfg.get("relative_attention_max_distance", 128),
-                        eps=hf_cfg.get("layer_norm_epsilon", 1e-6))
-    needed = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-              "blocks.0.pos_embedding.embedding.weight"]
-    missing = [k for k in needed if k not in entries]
-    if missing:
-        raise CheckpointError(f"{files[0]}: cannot infer T5 sizes, missing keys {missing}")
-    vocab, dim = entries["token_embedding.weight"][0]
-    num_buckets, num_heads = entries["blocks.0.pos_embedding.embedding.weight"][0]
-    layers = {int(m.group(1)) for k in entries if (m := re.match(r"blocks\.(\d+)\.", k))}
-    return T5Config(vocab=vocab, dim=dim, dim_attn=entries["blocks.0.attn.q.weight"][0][0],
-                    dim_ffn=entries["blocks.0.ffn.fc1.weight"][0][0], num_heads=num_heads,
-                    num_layers=max(layers) + 1, num_buckets=num_buckets)
-
-
-def load_t5_encoder(path, dtype=None, device=None):
-    """Strictly load a T5Encoder from a Diffusers text_encoder/ folder, Wan's .pth, or a folder holding either.
-    Built on the meta device; each tensor is cast to `dtype` (None = as stored) and moved to `device` as it loads."""
-    files, cfg_path, kind = _resolve(path)
-    entries, dupes = _open_sources(files, kind)
-    cfg = _config_from(entries, cfg_path, files)
-    with torch.device("meta"):
-        model = T5Encoder(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = want.keys() - entries.keys()
-    unexpected = [entries[k][3] for k in entries.keys() - want.keys()] + dupes  # as stored
-    shaped = [f"{entries[k][3]}: expected {want[k]}, got {entries[k][0]}" + (f" (our {k})" if k != entries[k][3] else "")
-              for k in want.keys() & entries.keys() if want[k] != entries[k][0]]  # stored name first
-    if missing or unexpected or shaped:
-        src = f"sizes from {cfg_path}" if cfg_path else "sizes inferred from tensor shapes"
-        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
-        raise CheckpointError(f"{names} does not match T5Encoder({cfg}; {src}): missing {_listing(missing)}; "
-                              f"unexpected {_listing(unexpected)}; wrong shape {_listing(shaped, 3)}")
-    state = {}
-    for k in want:
-        t = entries.pop(k)[2]()  # one tensor at a time, cast as it arrives
-        state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+        """Strictly load a Diffusers text_encoder/ folder, Wan's .pth, or a folder holding either (weights.t5), one
+        tensor at a time onto the meta-built encoder, cast to `dtype` (None: as stored) and moved to `device`."""
+        ckpt, cfg = weights.t5(path, T5Config)
+        return weights.build(cls, cfg, ckpt, f"T5Encoder({cfg})", dtype, device)
 
 
 # ----------------------------------------------------------------------------- tokenizer and context
@@ -409,9 +264,9 @@ class TextEncoder(nn.Module):
         """folder: a Wan2.1 root (google/umt5-xxl/tokenizer.json + .pth) or a Diffusers root (tokenizer/, text_encoder/)."""
         folder = Path(folder)
         tok = _first_file(folder, ["tokenizer/tokenizer.json", "google/umt5-xxl/tokenizer.json", "tokenizer.json"])
-        enc = _first_file(folder, ["text_encoder", WAN_T5_FILE])
+        enc = _first_file(folder, ["text_encoder", weights.WAN_T5_FILE])
         lost = [w for w, f in (("tokenizer.json (tokenizer/ or google/umt5-xxl/)", tok),
-                               (f"encoder weights (text_encoder/ or {WAN_T5_FILE})", enc)) if f is None]
+                               (f"encoder weights (text_encoder/ or {weights.WAN_T5_FILE})", enc)) if f is None]
         if lost:
-            raise FileNotFoundError(f"{folder}: missing {' and '.join(lost)}; download them from {WHERE_TO_GET}")
-        return cls(Tokenizer(tok, text_len), load_t5_encoder(enc, dtype=dtype, device=device))
+            raise FileNotFoundError(f"{folder}: missing {' and '.join(lost)}; download them from {weights.WAN_WHERE}")
+        return cls(Tokenizer(tok, text_len), T5Encoder.from_pretrained(enc, dtype=dtype, device=device))

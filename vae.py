@@ -6,22 +6,16 @@ per-stream cache (the last 2 input frames of each temporal conv) and give exactl
 `vae.stream_decoder()` is what the streaming generator uses. The latents seen by the DiT are normalised,
 z = (mu - mean) / std; `encode` returns and `decode` takes that normalised z.
 Module names are those of Wan's `Wan2.1_VAE.pth`, so that file loads as a strict copy; the Diffusers layout
-(`vae/diffusion_pytorch_model.safetensors`) is renamed through one table (`diffusers_to_wan_table`).
+(`vae/diffusion_pytorch_model.safetensors`) is renamed in weights.py.
 """
 
-import json
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CheckpointError  # one error type for every loader
-
-WAN_VAE_FILE = "Wan2.1_VAE.pth"
-WHERE_TO_GET = "Hugging Face repos Wan-AI/Wan2.1-T2V-1.3B (Wan2.1_VAE.pth) or Wan-AI/Wan2.1-T2V-1.3B-Diffusers (vae/)"
+import weights
 
 # Per-channel statistics of Wan2.1 latent means: the DiT sees z = (mu - mean) / std.
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -358,7 +352,9 @@ class WanVAE(nn.Module):
         The config comes from Diffusers' config.json where there is one, else from the tensor shapes (`cfg`, if
         given, overrides both); the checkpoint must then match the model exactly.
         """
-        return _load(cls, path, dtype=dtype, device=device, cfg=cfg)
+        ckpt, found = weights.vae(path, VAEConfig)
+        cfg = cfg or found
+        return weights.build(cls, cfg, ckpt, f"WanVAE({cfg})", dtype, device)
 
 
 class StreamDecoder:
@@ -389,203 +385,3 @@ class StreamDecoder:
         n = self.frames_per_pass
         out = [vae.decoder(x[:, :, i : i + n], self.cache) for i in range(0, x.shape[2], n)]
         return torch.cat(out, dim=2).clamp(-1.0, 1.0)  # [B, 3, (1 +) 4f (- 4), 8h, 8w]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-
-def diffusers_to_wan_table(num_res_blocks):
-    """The one rename table: (regex on a Diffusers key, replacement), applied in order to every key.
-
-    Block-internal names go first (Diffusers' resnet conv1/conv2 must not meet the renamed top-level conv1/conv2).
-    The decoder's flat index is (num_res_blocks + 2) * stage + r: num_res_blocks + 1 resnets, then the upsampler.
-    """
-    per_stage = num_res_blocks + 2
-    return [
-        (r"\.norm1\.gamma$", ".residual.0.gamma"),
-        (r"\.conv1\.(weight|bias)$", r".residual.2.\1"),
-        (r"\.norm2\.gamma$", ".residual.3.gamma"),
-        (r"\.conv2\.(weight|bias)$", r".residual.6.\1"),
-        (r"\.conv_shortcut\.", ".shortcut."),
-        (r"^quant_conv\.", "conv1."),
-        (r"^post_quant_conv\.", "conv2."),
-        (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
-        (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
-        (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
-        (r"^encoder\.down_blocks\.", "encoder.downsamples."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-         lambda m: f"decoder.upsamples.{per_stage * int(m[1]) + int(m[2])}."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-         lambda m: f"decoder.upsamples.{per_stage * int(m[1]) + per_stage - 1}."),
-    ]  # fmt: skip
-
-
-_DIFFUSERS_KEY = re.compile(  # a key only the Diffusers layout has
-    r"^((encoder|decoder)\.(conv_in|mid_block|down_blocks|up_blocks|norm_out|conv_out)|(post_)?quant_conv)\."
-)
-
-
-def _rename_diffusers(names):
-    """Diffusers key -> our key, for every key (keys already in our layout pass unchanged)."""
-    resnets = {int(m[1]) for k in names if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))}
-    table = diffusers_to_wan_table(num_res_blocks=max(len(resnets) - 1, 0))
-    out = {}
-    for k in names:
-        new = k
-        for pattern, repl in table:
-            new = re.sub(pattern, repl, new)
-        out[k] = new
-    return out
-
-
-def _find_checkpoint(path):
-    """-> (checkpoint file, Diffusers config.json or None)."""
-    p = Path(path)
-    expected = (f"{WAN_VAE_FILE}, a Diffusers vae/ folder (config.json + diffusion_pytorch_model.safetensors), "
-                f"a .safetensors file, or a folder containing one of these; get them from {WHERE_TO_GET}")
-    if not p.exists():
-        raise FileNotFoundError(f"Wan VAE checkpoint path {p} does not exist; expected {expected}")
-    if p.is_file():
-        if p.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
-            raise CheckpointError(f"{p}: not a checkpoint file; expected {expected}")
-        return p, _vae_config_beside(p) if p.suffix == ".safetensors" else None
-    for folder in (p, p / "vae"):
-        if (folder / WAN_VAE_FILE).is_file():
-            return folder / WAN_VAE_FILE, None
-        st = folder / "diffusion_pytorch_model.safetensors"
-        # a Wan root folder also holds the DiT's diffusion_pytorch_model.safetensors: use it only with a VAE config
-        if st.is_file() and (_vae_config_beside(st) is not None or not (folder / "config.json").exists()):
-            return st, _vae_config_beside(st)
-    raise FileNotFoundError(f"no Wan VAE checkpoint found in folder {p}; expected {expected}")
-
-
-def _vae_config_beside(file):
-    cfg = file.parent / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        d = json.loads(cfg.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg}: unreadable config.json ({e})") from e
-    is_vae = isinstance(d, dict) and (d.get("_class_name") == "AutoencoderKLWan" or {"base_dim", "z_dim"} <= d.keys())
-    return cfg if is_vae else None
-
-
-def _open_tensors(file):
-    """-> (names, shape(name) -> tuple, get(name) -> tensor); nothing is read in full (header only / mmap)."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-            return list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{file}: not a readable torch checkpoint ({e}); expected a state dict like {WAN_VAE_FILE}"
-        ) from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{file}: expected a flat {{name: tensor}} state dict like {WAN_VAE_FILE}, "
-                              f"got {type(sd).__name__}")
-    return list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__
-
-
-def _config_from_json(cfg_path):
-    d = json.loads(cfg_path.read_text())
-    if d.get("is_residual") or d.get("attn_scales") or d.get("patch_size") not in (None, 1) or \
-            d.get("decoder_base_dim") not in (None, d.get("base_dim")):  # fmt: skip
-        raise CheckpointError(f"{cfg_path}: not a Wan2.1 VAE config (is_residual / attn_scales / patch_size / "
-                              "decoder_base_dim are not supported; Wan2.2's VAE is a different model)")
-    default = VAEConfig()
-    return VAEConfig(
-        base_dim=d.get("base_dim", default.base_dim),
-        z_dim=d.get("z_dim", default.z_dim),
-        dim_mult=d.get("dim_mult", default.dim_mult),
-        num_res_blocks=d.get("num_res_blocks", default.num_res_blocks),
-        temporal_downsample=d.get("temperal_downsample", default.temporal_downsample),  # [sic] in Diffusers
-        latents_mean=d.get("latents_mean", default.latents_mean),
-        latents_std=d.get("latents_std", default.latents_std),
-    )
-
-
-def _infer_config(shapes, src):
-    """VAEConfig from the tensor shapes (our names): channels from the convs, stages from encoder.downsamples."""
-    for k in ("encoder.conv1.weight", "conv2.weight"):
-        if k not in shapes:
-            raise CheckpointError(f"{src}: missing key {k!r}, needed to infer the VAE size; is this a Wan2.1 VAE?")
-    base_dim, z_dim = shapes["encoder.conv1.weight"][0], shapes["conv2.weight"][0]
-    idx = sorted({int(m[1]) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
-    stage_dims, res_counts, temporal, count, out_dim = [], [], [], 0, None
-    for i in idx:
-        p = f"encoder.downsamples.{i}."
-        if p + "residual.2.weight" in shapes:  # a residual block: its output channels
-            count, out_dim = count + 1, shapes[p + "residual.2.weight"][0]
-        elif p + "resample.1.weight" in shapes and out_dim is not None:  # a downsample closes a stage
-            stage_dims.append(out_dim)
-            res_counts.append(count)
-            temporal.append(p + "time_conv.weight" in shapes)
-            count = 0
-        else:
-            raise CheckpointError(
-                f"{src}: cannot tell what encoder.downsamples.{i} is (no residual.2 or resample.1 weight)"
-            )
-    if not idx or count == 0 or len(set(res_counts + [count])) != 1:
-        raise CheckpointError(f"{src}: cannot infer the encoder stages from encoder.downsamples.* (blocks per stage: "
-                              f"{res_counts + [count]})")
-    stage_dims.append(out_dim)
-    if any(d % base_dim for d in stage_dims):
-        raise CheckpointError(f"{src}: stage widths {stage_dims} are not multiples of base_dim {base_dim}")
-    if z_dim != len(WAN21_LATENTS_MEAN):
-        raise CheckpointError(f"{src}: z_dim={z_dim}, so the Wan2.1 latent mean/std do not apply and the checkpoint "
-                              "holds none; pass cfg=VAEConfig(...)")
-    return VAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=[d // base_dim for d in stage_dims],
-                     num_res_blocks=count, temporal_downsample=temporal)
-
-
-def _listing(keys, n=5):
-    keys = sorted(keys)
-    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
-
-
-def _load(cls, path, dtype=None, device=None, cfg=None):
-    file, cfg_json = _find_checkpoint(path)
-    names, shape_of, get = _open_tensors(file)
-    renames = _rename_diffusers(names) if any(_DIFFUSERS_KEY.match(k) for k in names) else {k: k for k in names}
-    source = {ours: theirs for theirs, ours in renames.items()}  # our name -> name in the file
-    if len(source) != len(names):
-        raise CheckpointError(f"{file}: several keys map to the same name; mixed Wan and Diffusers layouts?")
-    shapes = {renames[k]: shape_of(k) for k in names}
-
-    if cfg is not None:
-        cfg_src = "config given by the caller"
-    elif cfg_json is not None:
-        cfg, cfg_src = _config_from_json(cfg_json), f"config from {cfg_json}"
-    else:
-        cfg, cfg_src = _infer_config(shapes, file), "config inferred from the tensor shapes"
-    with torch.device("meta"):
-        model = cls(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = want.keys() - shapes.keys()
-    unexpected = [source[k] for k in shapes.keys() - want.keys()]
-    misshaped = [f"{source[k]}: file {list(shapes[k])} vs model {list(want[k])}"
-                 for k in want.keys() & shapes.keys() if shapes[k] != want[k]]  # fmt: skip
-    if missing or unexpected or misshaped:
-        fields = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample")
-        arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in fields)
-        raise CheckpointError(f"{file} does not match WanVAE({arch}; {cfg_src}): missing keys {_listing(missing)}; "
-                              f"unexpected keys {_listing(unexpected)}; mis-shaped keys {_listing(misshaped, 3)}")
-
-    state = {}
-    for theirs, ours in renames.items():  # convert each tensor as it is read
-        state[ours] = get(theirs).to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()

@@ -1,4 +1,5 @@
-"""model.py: parity with diffusers' WanTransformer3DModel, checkpoint layouts, chunk-causal mode, key tables."""
+"""model.py (+ its layouts in weights.py): parity with diffusers' WanTransformer3DModel, checkpoint layouts,
+chunk-causal mode, key tables."""
 
 import json
 import math
@@ -9,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, CheckpointError, WanConfig, WanModel, apply_rope, rope_tables, save_safetensors, wan_names
+import weights
+from model import PRESETS, WanConfig, WanModel, apply_rope, rope_tables
+from weights import CheckpointError, save_safetensors
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -79,7 +82,7 @@ def test_parity_diffusers_layout(diff_dir):
 def test_parity_after_convert_to_original_layout(diff_dir, tmp_path):
     d, path = diff_dir
     dst = tmp_path / "wan.safetensors"
-    subprocess.run([sys.executable, "model.py", "convert", str(path), str(dst)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "weights.py", "convert", "dit", str(path), str(dst)], check=True, capture_output=True)
     from safetensors import safe_open
 
     with safe_open(str(dst), "pt") as fh:
@@ -233,7 +236,10 @@ def test_full_size_key_tables(name, layers, dim, ffn):
     dsd = {k: tuple(v.shape) for k, v in d.state_dict().items()}
     for orig, diff, _ in TABLE:
         assert diff.replace("N", "0") in dsd, diff
-    assert wan_names(dsd) == sd
+    ckpt = weights.Tensors("diffusers")
+    for k, shape in dsd.items():
+        ckpt.add(k, shape, read=None)
+    assert ckpt.rename(weights.DIT_DIFFUSERS).shapes() == sd
 
 
 @pytest.fixture()

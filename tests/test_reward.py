@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from reward import (CLIP_MEAN, CLIP_STD, QWEN_PRESETS, REWARD_NORM, REWARD_TOKENS, CheckpointError, MotionReward,
-                    QwenChat, VideoAlignModel, VideoAlignReward, check_videoalign_state_dict, main, merge_lora, patchify,
-                    preprocess_video, sample_frame_indices, smart_resize, videoalign_names)
+import weights
+from qwen2vl import (CLIP_MEAN, CLIP_STD, QWEN_PRESETS, VideoAlignModel, patchify, preprocess_video,
+                     sample_frame_indices, smart_resize)
+from reward import REWARD_NORM, REWARD_TOKENS, MotionReward, QwenChat, VideoAlignReward
+from weights import CheckpointError, main, merge_lora
+
+
+def ours_from_hf(sd, cfg, src):
+    """A transformers Qwen2-VL state dict through weights.py's Qwen2-VL renames, checked strictly against ours."""
+    ckpt = weights.Tensors.of(sd, src).rename(weights.QWEN_NEWER, weights.QWEN_PREFIXES).drop(r"^lm_head\.")
+    with torch.device("meta"):
+        weights.check(ckpt, VideoAlignModel(cfg), "a VideoAlignModel")
+    return ckpt.materialise()
 
 TINY = QWEN_PRESETS["tiny"]  # video_token_id 45, reward tokens 46-48, vocab 49
 VS, VE, VID = 43, 44, 45  # <|vision_start|>, <|vision_end|>, <|video_pad|> in the tiny vocab
@@ -137,8 +147,7 @@ def test_parity_with_transformers_qwen2vl(hf_tiny):
     positions (all three rows = arange(L)); its state dict (transformers 5 layout) goes through our rename table."""
     sd = dict(hf_tiny.state_dict())
     sd["rm_head.weight"] = torch.randn(1, TINY.dim, generator=torch.Generator().manual_seed(5))
-    sd = {k: v for k, v in videoalign_names(sd).items() if not k.startswith("lm_head.")}
-    check_videoalign_state_dict(sd, TINY, "hf")
+    sd = ours_from_hf(sd, TINY, "hf")
     ours = VideoAlignModel(TINY).eval()
     ours.load_state_dict(sd, strict=True)
     ids, pv, grid = tiny_inputs()
@@ -235,7 +244,7 @@ def test_lora_merge_of_an_embedding_and_modules_to_save():
 def test_convert_then_load_safetensors(official, tmp_path):
     path, *_ = official
     from_pth = VideoAlignModel.from_pretrained(path, config="tiny")
-    main(["convert", str(path), str(tmp_path / "va.safetensors"), "--config", "tiny"])
+    main(["convert", "videoalign", str(path), str(tmp_path / "va.safetensors"), "--config", "tiny"])
     m = VideoAlignModel.from_pretrained(tmp_path / "va.safetensors")  # config from the metadata
     assert m.cfg == TINY and "lm_head.weight" not in m.state_dict()
     assert all(torch.equal(v, from_pth.state_dict()[k]) for k, v in m.state_dict().items())
@@ -259,8 +268,9 @@ def test_bad_checkpoints_give_clear_errors(official, tmp_path):
         VideoAlignModel.from_pretrained(write(bad, "bad1.pth"), config="tiny", lora_alpha=ALPHA)
     bad = dict(sd, **{"base_model.model.rm_head.weight": torch.zeros(2, TINY.dim),
                       "base_model.model.visual.extra.weight": torch.zeros(3)})
-    with pytest.raises(CheckpointError, match=r"(?s)bad2\.pth.*1 unexpected: visual\.extra\.weight.*1 mis-shaped: "
-                                              r"rm_head\.weight: \(2, 48\) != expected \(1, 48\)"):
+    with pytest.raises(CheckpointError, match=r"(?s)bad2\.pth.*1 unexpected: base_model\.model\.visual\.extra\.weight "
+                                              r"\[visual\.extra\.weight\].*1 mis-shaped: base_model\.model\.rm_head\.weight "
+                                              r"\[rm_head\.weight\]: \(2, 48\) != expected \(1, 48\)"):
         VideoAlignModel.from_pretrained(write(bad, "bad2.pth"), config="tiny", lora_alpha=ALPHA)
     bad = {k: v for k, v in sd.items() if k != "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight"}
     with pytest.raises(CheckpointError, match=r"bad3\.pth: incomplete LoRA for 'base_model\.model\.model\.layers\.0\.mlp\.up_proj'"):
@@ -373,7 +383,7 @@ def test_refuses_to_score_without_the_template(tiny_files, tmp_path):
 def test_reward_callable_end_to_end(official, tiny_files, tmp_path):
     """reward(pixels in [-1, 1], prompts) -> [B] z-scored MQ = (raw MQ - 1.1646) / 1.3811; right padding of a batch
     with prompts of different lengths changes nothing."""
-    main(["convert", str(official[0]), str(tmp_path / "va.safetensors"), "--config", "tiny"])
+    main(["convert", "videoalign", str(official[0]), str(tmp_path / "va.safetensors"), "--config", "tiny"])
     rw = VideoAlignReward.from_pretrained(tmp_path / "va.safetensors", *tiny_files)
     assert rw.model.cfg == TINY
     g = torch.Generator().manual_seed(6)
@@ -408,7 +418,6 @@ def test_full_size_names_match_transformers_qwen2vl_2b():
         hf = transformers.Qwen2VLForConditionalGeneration(cfg)
         ours = VideoAlignModel(QWEN_PRESETS["qwen2-vl-2b"])
     sd = dict(hf.state_dict(), **{"rm_head.weight": torch.empty(1, 1536, device="meta")})
-    sd = {k: v for k, v in videoalign_names(sd).items() if not k.startswith("lm_head.")}
-    check_videoalign_state_dict(sd, QWEN_PRESETS["qwen2-vl-2b"], "qwen2-vl-2b")
+    sd = ours_from_hf(sd, QWEN_PRESETS["qwen2-vl-2b"], "qwen2-vl-2b")
     n = sum(v.numel() for v in ours.state_dict().values())
     assert len(sd) == 730 and 2.20e9 < n < 2.22e9

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from vae import VAE_PRESETS, CheckpointError, VAEConfig, WanVAE, _rename_diffusers, diffusers_to_wan_table
+import weights
+from vae import VAE_PRESETS, VAEConfig, WanVAE
+from weights import CheckpointError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,12 +66,15 @@ def test_full_size_rename_table_matches_diffusers():
         ours = {k: tuple(v.shape) for k, v in WanVAE(VAE_PRESETS["wan2.1"]).state_dict().items()}
         ref = {k: tuple(v.shape) for k, v in AutoencoderKLWan().state_dict().items()}
     assert len(ours) == 194
-    renamed = _rename_diffusers(list(ref))
-    assert {renamed[k]: s for k, s in ref.items()} == ours
+    ckpt = weights.Tensors("diffusers")
+    for k, shape in ref.items():
+        ckpt.add(k, shape, read=None)
+    ckpt.rename(weights.vae_diffusers(num_res_blocks=2))
+    assert ckpt.shapes() == ours
+    renamed = {ckpt.stored(k): k for k in ckpt.entries}  # Diffusers name -> ours
     for k in ours:  # Diffusers' converter maps our (= Wan's original) name to the Diffusers name we map back
         (theirs,) = convert_wan_vae_to_diffusers({k: torch.empty(0)})
         assert renamed[theirs] == k
-    assert len(diffusers_to_wan_table(2)) > 0
 
 
 # ----------------------------------------------------------------------------- parity with Diffusers
