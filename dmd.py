@@ -86,11 +86,13 @@ def reward_weight(r, beta=0.5, clip=None):
     return torch.exp(r / beta)
 
 
-def critic_loss(v_fake, eps, x):
-    """The fake score's flow-matching loss on fresh generator samples x: mean (v - (eps - x))^2."""
-    return torch.nn.functional.mse_loss(v_fake.float(), (eps - x).float())
+def flow_matching_loss(v, eps, x0):
+    """Flow matching: mean (v - (eps - x0))^2 for the velocity v a network predicts at x_t = (1 - s) x0 + s eps.
+    It pretrains the toy teacher on data, and trains the critic, DMD's fake score s_fake (paper Eq. 1-2, 11), on
+    fresh student samples x0: a denoising objective on the generator's output distribution (paper §3.3)."""
+    return torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
 
 
 def ode_loss(x0_pred, x0_target):
-    """ODE initialisation: regress the student's x0 prediction on the teacher's ODE end point."""
+    """ODE initialisation (paper §4): regress the student's x0 prediction on the teacher's ODE end point."""
     return torch.nn.functional.mse_loss(x0_pred.float(), x0_target.float())

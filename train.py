@@ -1,18 +1,23 @@
 """
-Reward Forcing training: one process, or many with torchrun (DDP for small models, FSDP2 for 1.3B / 14B).
+Reward Forcing training: a few-step causal student distilled from a bidirectional Wan2.1 teacher, then rewarded
+distribution matching (Re-DMD, paper §3.3) through the EMA-Sink cache. One process, or many under torchrun (DDP for
+small models, FSDP2 for 1.3B / 14B); processes, sharding, checkpoints and logs live in plumbing.py.
 
-Two stages, one command each (paper §4 "Implementation details"), after an optional teacher for toy worlds:
+Three networks: the `student` (the few-step causal generator G), the `teacher` (the real score, frozen) and the
+`critic` (the fake score, which follows the student's samples); plus `student_ema`, the student's EMA.
 
-  --stage=teacher  Bidirectional flow-matching pretraining of a small teacher on the toy world (data/toyworld.py);
-                   the real recipe starts from Wan2.1 instead.
+  --stage=teacher  Toy worlds only: flow-matching pretraining of a small bidirectional teacher on data/toyworld.py
+                   (the real recipe starts from Wan2.1 instead).
+  --stage=ode      ODE initialisation (paper §4). The teacher samples ODE trajectories (48 Euler steps, shift 8,
+                   CFG 6 against the negative prompt) into a shard folder; the student learns to jump from the
+                   trajectory's points at its own 4 timesteps to the clean end point, all chunks in one chunk-causal
+                   forward with a random timestep per chunk.
+  --stage=redmd    Re-DMD. Every iteration a critic step: flow matching on fresh student rollouts. Every
+                   `student_every` iterations first a student step: roll out through the EMA-Sink cache, score each
+                   video with the reward r, and weight its DMD gradient by exp(r / beta) (paper Eq. 11).
 
-  --stage=ode    ODE initialisation. The bidirectional teacher samples ODE trajectories (48 Euler steps, shift 8,
-                 CFG 6 against the negative prompt) into a shard folder; the causal student learns to jump from the
-                 trajectory's points at its own 4 timesteps to the clean end point, all chunks in one chunk-causal
-                 forward with a random timestep per chunk.
-  --stage=redmd  Rewarded distribution matching (paper §3.3) on self-forcing rollouts through the EMA-Sink cache:
-                 the critic (fake score) learns every iteration, the generator every `gen_every`, and each sample's
-                 DMD gradient is weighted by exp(r / beta), r its (z-scored) reward.
+Sizes are the video's: --num_frames pixel frames, --height / --width pixels. With Wan's VAE 1 + 4 (F - 1) frames and
+8 x 8 pixels make one latent (81 x 480 x 832 -> 21 x 60 x 104); with no --vae the latents are the video.
 
     python train.py config/toy.py --stage=ode
     torchrun --standalone --nproc_per_node=8 train.py --stage=redmd --teacher=Wan2.1-T2V-1.3B \\
@@ -26,238 +31,128 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
 import dmd
-from config import configure, pick_device
+from config import configure, opt, pick_device, pick_dtype
 from dmd import FlowMatch
-from model import PRESETS, WanModel, save_safetensors
+from model import PRESETS, WanModel
+from plumbing import Proc, StageDir, grad_sync, item, latest_checkpoint, unwrap
 from sink import SinkCache, rollout
 
 
 @dataclass
 class TrainConfig:
-    stage: str = field(default="redmd", metadata={"help": "teacher (toy pretraining), ode (ODE initialisation) or redmd (Re-DMD)"})
-    out_dir: str = field(default="out", metadata={"help": "checkpoints, logs and ODE pairs go here"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/<stage>/latest"})
-    # models
-    model: str = field(default="tiny", metadata={"help": "WanModel preset for randomly initialised models (no --teacher)"})
-    teacher: str = field(default="", metadata={"help": "bidirectional teacher checkpoint; empty: random init (tests)"})
-    student: str = field(default="", metadata={"help": "student init; empty: the ODE stage's output if present, else the teacher"})
-    critic: str = field(default="", metadata={"help": "fake score init; empty: the teacher (with a 14B teacher, give the 1.3B base)"})
-    text_encoder: str = field(default="", metadata={"help": "Wan2.1 folder with umT5; empty: a tiny random encoder over the prompts' words"})
-    vae: str = field(default="", metadata={"help": "Wan2.1 VAE for the reward's pixels; empty: the latents are the video"})
-    prompts: str = field(default="", metadata={"help": "text file, one prompt per line"})
-    negative_prompt: Optional[str] = field(default=None, metadata={"help": "for CFG; default: Wan's negative prompt"})
+    stage: str = opt("redmd", "teacher (toy pretraining), ode (ODE initialisation) or redmd (Re-DMD)")
+    out_dir: str = opt("out", "checkpoints, logs and ODE pairs go to out_dir/<stage>/")
+    resume: bool = opt(False, "continue from out_dir/<stage>/latest")
+    # networks: a checkpoint file or folder, or a stage folder of this script (its latest checkpoint)
+    model: str = opt("tiny", "WanModel preset of randomly initialised networks (no --teacher)")
+    teacher: str = opt("", "bidirectional teacher (real score); a teacher-stage folder means its EMA; empty: random init")
+    student: str = opt("", "student init; empty: the ODE stage's latest student (redmd) if any, else the teacher")
+    critic: str = opt("", "critic (fake score) init; empty: the teacher (with a 14B teacher, give the 1.3B base)")
+    text_encoder: str = opt("", "Wan2.1 folder with umT5; empty: a tiny random encoder over the prompts' words")
+    vae: str = opt("", "Wan2.1 VAE: the reward sees decoded pixels; empty: the latents are the video (toy worlds)")
+    prompts: str = opt("", "text file, one prompt per line")
+    negative_prompt: Optional[str] = opt(None, "for CFG; none: Wan's with --text_encoder, else 'static blurry'")
     # video and streaming
-    num_frames: int = field(default=21, metadata={"help": "latent frames per rollout (paper: 21)"})
-    height: int = field(default=60, metadata={"help": "latent height (480 px / 8)"})
-    width: int = field(default=104, metadata={"help": "latent width (832 px / 8)"})
-    chunk_frames: int = field(default=3, metadata={"help": "latent frames per chunk"})
-    window_frames: int = field(default=9, metadata={"help": "attention window in latent frames, sink included"})
-    sink_frames: int = field(default=3, metadata={"help": "sink size in latent frames"})
-    sink_mode: str = field(default="ema", metadata={"help": "ema | static | none | full"})
-    alpha: float = field(default=0.999, metadata={"help": "EMA-Sink momentum"})
-    student_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250], metadata={"help": "student schedule before the shift (repeat the flag)"})
-    student_shift: float = field(default=5.0, metadata={"help": "sigma shift of the student's schedule and of DMD's timesteps"})
+    num_frames: int = opt(81, "video frames per rollout, in pixel frames (81 = 21 latent frames with Wan's VAE)")
+    height: int = opt(480, "video height in pixels (60 latent rows with Wan's VAE)")
+    width: int = opt(832, "video width in pixels (104 latent columns with Wan's VAE)")
+    chunk_frames: int = opt(3, "latent frames per chunk")
+    window_frames: int = opt(9, "attention window in latent frames, sink and current chunk included")
+    sink_frames: int = opt(3, "sink size in latent frames")
+    sink_mode: str = opt("ema", "cache mode: ema | static | none | full (paper Table 3)")
+    alpha: float = opt(0.999, "EMA momentum of the sink (paper Eq. 4-5)")
+    student_steps: list[int] = opt(factory=lambda: [1000, 750, 500, 250],
+                                   help="student timesteps before the shift (repeat the flag)")
+    student_shift: float = opt(5.0, "sigma shift of the student's schedule and of DMD's timesteps")
     # teacher stage (toy world)
-    teacher_shift: float = field(default=3.0, metadata={"help": "teacher pretraining: sigma shift of the sampled timesteps"})
-    caption_dropout: float = field(default=0.1, metadata={"help": "teacher pretraining: share of empty captions (for CFG)"})
-    lr_teacher: float = field(default=3e-4, metadata={"help": "teacher pretraining learning rate"})
-    teacher_ema: float = field(default=0.999, metadata={"help": "teacher pretraining: EMA decay of the saved teacher"})
+    teacher_shift: float = opt(3.0, "teacher pretraining: sigma shift of the sampled timesteps")
+    caption_dropout: float = opt(0.1, "teacher pretraining: share of empty captions (for CFG)")
+    lr_teacher: float = opt(3e-4, "teacher pretraining learning rate")
+    teacher_ema_decay: float = opt(0.999, "teacher pretraining: EMA decay of the saved teacher")
     # ODE stage
-    ode_pairs: int = field(default=16000, metadata={"help": "teacher trajectories to sample (paper: 16k)"})
-    ode_steps: int = field(default=48, metadata={"help": "teacher Euler steps"})
-    ode_shift: float = field(default=8.0, metadata={"help": "teacher sigma shift"})
-    ode_guidance: float = field(default=6.0, metadata={"help": "teacher CFG scale for the trajectories"})
+    ode_pairs: int = opt(16000, "teacher trajectories to sample (paper: 16k)")
+    ode_steps: int = opt(48, "teacher Euler steps")
+    ode_shift: float = opt(8.0, "teacher sigma shift")
+    ode_guidance: float = opt(6.0, "teacher CFG scale for the trajectories")
     # Re-DMD
-    gen_every: int = field(default=5, metadata={"help": "generator update every N iterations; the critic every one"})
-    real_guidance: float = field(default=4.0, metadata={"help": "CFG of the real score (released code: cond + 3 (cond - uncond))"})
-    dmd_t_min: float = field(default=20.0, metadata={"help": "smallest DMD / critic timestep"})
-    dmd_t_max: float = field(default=980.0, metadata={"help": "largest DMD / critic timestep"})
-    reward: str = field(default="motion", metadata={"help": "motion (weightless) | videoalign | none (plain DMD)"})
-    reward_ckpt: str = field(default="", metadata={"help": "videoalign: merged safetensors (or model.pth)"})
-    reward_tokenizer: str = field(default="", metadata={"help": "videoalign: tokenizer.json"})
-    reward_template: str = field(default="", metadata={"help": "videoalign: prompt template file"})
-    beta: float = field(default=0.5, metadata={"help": "Re-DMD temperature: weight exp(r / beta); inf = DMD"})
-    reward_clip: Optional[float] = field(default=None, metadata={"help": "clamp r to [-c, c] before exp (none: off)"})
-    reward_norm: bool = field(default=False, metadata={"help": "normalise the weights to mean 1 over the global batch"})
+    student_every: int = opt(5, "a student step every N iterations (paper: 5); a critic step every iteration")
+    dmd_guidance: float = opt(4.0, "CFG scale of the teacher's real score (released code: cond + 3 (cond - uncond))")
+    dmd_t_min: float = opt(20.0, "smallest DMD / critic timestep")
+    dmd_t_max: float = opt(980.0, "largest DMD / critic timestep")
+    reward: str = opt("motion", "motion (weightless) | videoalign | none (plain DMD)")
+    reward_ckpt: str = opt("", "videoalign: merged safetensors (or model.pth)")
+    reward_tokenizer: str = opt("", "videoalign: tokenizer.json")
+    reward_template: str = opt("", "videoalign: prompt template file")
+    beta: float = opt(0.5, "Re-DMD temperature: weight exp(r / beta); inf = DMD")
+    reward_clip: Optional[float] = opt(None, "clamp r to [-c, c] before exp (none: off)")
+    reward_norm: bool = opt(False, "normalise the weights to mean 1 over the global batch")
     # optimisation
-    max_iters: int = field(default=600, metadata={"help": "iterations (paper: 600 for Re-DMD)"})
-    batch_size: int = field(default=1, metadata={"help": "samples per rank per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr_gen: float = field(default=2e-6, metadata={"help": "generator (student) learning rate"})
-    lr_critic: float = field(default=4e-7, metadata={"help": "critic (fake score) learning rate"})
-    beta1: float = field(default=0.0, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=10.0, metadata={"help": "gradient norm clip"})
-    ema_decay: float = field(default=0.99, metadata={"help": "generator EMA decay"})
-    ema_start: int = field(default=200, metadata={"help": "EMA tracks the generator exactly before this step"})
+    max_iters: int = opt(600, "iterations (paper: 600 for Re-DMD)")
+    batch_size: int = opt(1, "samples per rank per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr_student: float = opt(2e-6, "student (generator) learning rate")
+    lr_critic: float = opt(4e-7, "critic (fake score) learning rate")
+    beta1: float = opt(0.0, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(10.0, "gradient norm clip")
+    ema_decay: float = opt(0.99, "student EMA decay")
+    ema_start: int = opt(200, "the student EMA copies the student exactly before this step")
     # system
-    dist: str = field(default="ddp", metadata={"help": "ddp or fsdp (FSDP2 fully_shard per block) under torchrun"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype under autocast: auto (bf16 on CUDA), float32, bfloat16"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
-    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend (aot_eager: quick checks)"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing of the bidirectional / chunk-causal forwards"})
-    seed: int = field(default=0, metadata={"help": "all randomness derives from (seed, step, rank): resume is exact"})
-    log_interval: int = field(default=1, metadata={"help": "iterations between log lines"})
-    save_interval: int = field(default=100, metadata={"help": "iterations between checkpoints (and one at the end)"})
-    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    wandb_project: str = field(default="", metadata={"help": "log to wandb too (only if installed)"})
+    dist: str = opt("ddp", "ddp or fsdp (FSDP2 fully_shard per block) under torchrun")
+    device: str = opt("auto", "cpu, cuda, mps, ... | auto (the current accelerator, else cpu); torchrun: one per rank")
+    dtype: str = opt("auto", "autocast dtype: float32 | bfloat16 | float16 | auto (bf16 on an accelerator, fp32 on CPU)")
+    compile: bool = opt(False, "torch.compile the networks")
+    compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: quick checks)")
+    grad_ckpt: bool = opt(False, "gradient checkpointing of the bidirectional / chunk-causal forwards")
+    seed: int = opt(0, "all randomness derives from (seed, step, rank): resume is exact")
+    log_interval: int = opt(1, "iterations between log lines")
+    save_interval: int = opt(100, "iterations between checkpoints (and one at the end)")
+    keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    wandb_project: str = opt("", "log to wandb too (only if installed)")
+
+
+# Checkpoint files keep the names sample.py, eval.py and model.py's loaders (and the shipped docs) read:
+# generator.safetensors and generator_ema.safetensors hold the student and student_ema, critic.safetensors the
+# critic, teacher.safetensors and teacher_ema.safetensors the teacher stage's teacher and its EMA.
+
+
+class Latent(NamedTuple):
+    """A rollout's latent size, derived in main from the pixel settings."""
+
+    F: int  # frames
+    h: int  # rows
+    w: int  # columns
 
 
 # -----------------------------------------------------------------------------
-# distributed plumbing
-
-RANK, WORLD, DEVICE = 0, 1, torch.device("cpu")
+# networks, text, pixels, reward
 
 
-def setup(cfg):
-    global RANK, WORLD, DEVICE
-    DEVICE = pick_device(cfg.device)
-    if "RANK" in os.environ:  # torchrun: one process per device
-        dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        if DEVICE.type == "cuda":
-            DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if DEVICE.type == "cuda":
-        torch.cuda.set_device(DEVICE)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if DEVICE.type == "cuda" else "float32"
-
-
-def log(*a):
-    if RANK == 0:
-        print(*a, flush=True)
-
-
-def all_mean(x):
-    """Mean over ranks of a tensor (a copy)."""
-    x = x.detach().float().clone()
-    if WORLD > 1:
-        dist.all_reduce(x)
-        x /= WORLD
-    return x
-
-
-def rng(cfg, step, shared=False):
-    """The generator for one step: a function of (seed, step, rank) only, so a resumed run draws the same numbers.
-    shared=True: the same on every rank (decisions all ranks must agree on, such as the exit step)."""
-    g = torch.Generator(device=DEVICE)
-    g.manual_seed(cfg.seed * 1_000_003 + step * 1009 + (0 if shared else 7 * RANK + 1))
-    return g
-
-
-def as_float(t):
-    """A scalar tensor (a DTensor under FSDP) as a Python float: for logging only, it syncs with the device."""
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, parameter by parameter (sharded alike under FSDP)."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1.0 - decay)
-
-
-def autocast(cfg):
-    if cfg.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(DEVICE.type, dtype=getattr(torch, cfg.dtype))
-
-
-def wrap(model, cfg, trainable):
-    """DDP for a trainable model (a frozen one stays replicated), or FSDP2 sharding per block for both."""
-    if cfg.compile:
-        model.compile(backend=cfg.compile_backend)
-    if WORLD == 1:
-        return model
-    if cfg.dist == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
-    if trainable:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
-    return model
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def grad_sync(model, on):
-    """No gradient all-reduce on the micro-batches before the last one of an accumulated step."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext() if on else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(on)
-    return contextlib.nullcontext()
-
-
-def full_state_dict(model, all_ranks=False):
-    """Full (unsharded) CPU state dict; on rank 0 only unless all_ranks. Collective under torchrun."""
-    if WORLD == 1:
-        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
-
-
-def load_full_state_dict(model, sd):
-    if WORLD == 1:
-        unwrap(model).load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-def optim_state(model, opt):
-    if WORLD == 1:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optim_state(model, opt, sd):
-    if WORLD == 1:
-        opt.load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-# -----------------------------------------------------------------------------
-# models, text, pixels, reward
-
-
-def resolve(path, name):
-    """A stage folder (out/toy/teacher) means its latest checkpoint's `name`.safetensors; anything else is as given."""
-    if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "latest")):
-        return os.path.join(latest_checkpoint(path), f"{name}.safetensors")
-    return path
-
-
-def load_model(path, cfg, what):
-    """A WanModel in fp32 on DEVICE: from a checkpoint, or randomly initialised from the preset (seeded: every rank
-    builds the same weights)."""
+def load_net(path, what, cfg, proc):
+    """A WanModel in fp32: from a checkpoint, or randomly initialised from the preset (seeded: every rank builds the
+    same weights)."""
     if path:
-        log(f"{what}: {path}")
-        return WanModel.from_pretrained(path, dtype=torch.float32, device=DEVICE)
-    log(f"{what}: random {cfg.model} (no checkpoint given)")
+        proc.print(f"{what}: {path}")
+        return WanModel.from_pretrained(path, dtype=torch.float32, device=proc.device)
+    proc.print(f"{what}: random {cfg.model} (no checkpoint given)")
     torch.manual_seed(cfg.seed)
-    return WanModel(PRESETS[cfg.model]).to(DEVICE)
+    return WanModel(PRESETS[cfg.model]).to(proc.device)
+
+
+def check_patch(cfg, lat, net):
+    """Latent rows and columns must be whole patches of the network."""
+    _, ph, pw = net.cfg.patch_size
+    if lat.h % ph or lat.w % pw:
+        s = cfg.height // lat.h
+        raise SystemExit(f"--height={cfg.height} --width={cfg.width}: pixels must be multiples of {s * ph} x {s * pw} "
+                         f"(the VAE's stride {s} times the network's patch {ph} x {pw})")
 
 
 def read_prompts(cfg):
@@ -273,40 +168,39 @@ def read_prompts(cfg):
     return prompts
 
 
-def text_encoder(cfg, prompts, model_cfg):
-    """prompts -> context (B, text_len, text_dim), no grad. umT5 from --text_encoder, or a tiny random encoder over
-    the prompts' words (frozen random weights, the same on every rank) whose width matches the model's text_dim."""
-    from t5 import NEGATIVE_PROMPT, T5Config, T5Encoder, TextEncoder, Tokenizer
+def text_encoder(cfg, prompts, net_cfg, device):
+    """prompts -> context (B, text_len, text_dim) fp32, no grad. umT5 from --text_encoder, or a tiny random encoder
+    over the prompts' words as wide as the network's text_dim (seeded: the same on every rank)."""
+    from t5 import TextEncoder, tiny_text_encoder
 
-    if cfg.negative_prompt is None:
-        cfg.negative_prompt = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
     if cfg.text_encoder:
-        te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=torch.bfloat16 if DEVICE.type == "cuda" else None,
-                                         device=DEVICE, text_len=model_cfg.text_len)
+        te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=None if device.type == "cpu" else torch.bfloat16,
+                                         device=device, text_len=net_cfg.text_len)
     else:
         words = sorted({w for p in prompts + [cfg.negative_prompt] for w in p.split()})
-        tok = Tokenizer.from_words(words, text_len=model_cfg.text_len)
-        d = model_cfg.text_dim
-        torch.manual_seed(cfg.seed + 1)
-        t5cfg = T5Config(vocab=len(words) + 3, dim=d, dim_attn=d, dim_ffn=2 * d, num_heads=max(1, d // 8), num_layers=2,
-                         text_len=model_cfg.text_len)
-        te = TextEncoder(tok, T5Encoder(t5cfg).to(DEVICE))
-    if te.tokenizer.text_len > model_cfg.text_len:
-        raise SystemExit(f"text encoder pads to {te.tokenizer.text_len} rows but the model takes text_len={model_cfg.text_len}")
+        te = tiny_text_encoder(words, net_cfg.text_dim, net_cfg.text_len, seed=cfg.seed + 1).to(device)
+    if te.tokenizer.text_len > net_cfg.text_len:
+        raise SystemExit(f"text encoder pads to {te.tokenizer.text_len} rows; the network takes {net_cfg.text_len}")
     return lambda ps: te(ps).float()
 
 
-def pixel_decoder(cfg):
-    """latents -> pixels in [-1, 1] for the reward, no grad: the Wan VAE, or the latents themselves (toy worlds)."""
+def pixel_decoder(cfg, device):
+    """latents (B, C, F, h, w) -> pixels (B, 3, 1 + 4 (F - 1), 8 h, 8 w) in [-1, 1] for the reward, no grad: Wan's VAE,
+    or the latents themselves (toy worlds)."""
     if not cfg.vae:
         return lambda x: x
-    from vae import WanVAE
+    from vae import VAEConfig, WanVAE
 
-    vae = WanVAE.from_pretrained(cfg.vae, dtype=torch.bfloat16 if DEVICE.type == "cuda" else None, device=DEVICE)
+    vae = WanVAE.from_pretrained(cfg.vae, dtype=None if device.type == "cpu" else torch.bfloat16, device=device)
+    want = VAEConfig()
+    if (vae.cfg.temporal_stride, vae.cfg.spatial_stride) != (want.temporal_stride, want.spatial_stride):
+        raise SystemExit(f"--vae={cfg.vae}: strides {vae.cfg.temporal_stride}, {vae.cfg.spatial_stride}; the sizes "
+                         f"assume Wan2.1's {want.temporal_stride}, {want.spatial_stride}")
     return lambda x: vae.decode(x.to(next(vae.parameters()).dtype)).float()
 
 
-def reward_model(cfg):
+def reward_model(cfg, device):
+    """pixels, prompts -> r (B,), no grad; None for --reward=none."""
     if cfg.reward == "motion":
         from reward import MotionReward
 
@@ -314,65 +208,20 @@ def reward_model(cfg):
     if cfg.reward == "videoalign":
         from reward import VideoAlignReward
 
-        return VideoAlignReward.from_pretrained(cfg.reward_ckpt, cfg.reward_tokenizer, cfg.reward_template, device=DEVICE)
+        return VideoAlignReward.from_pretrained(cfg.reward_ckpt, cfg.reward_tokenizer, cfg.reward_template, device=device)
     if cfg.reward == "none":
         return None
     raise SystemExit(f"--reward must be motion, videoalign or none; got {cfg.reward!r}")
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: a directory per step written under a temporary name and renamed, then a `latest` pointer
+# the pieces every stage shares
 
 
-def save_checkpoint(cfg, stage_dir, step, models, opts, extra):
-    """models: {name: model} written as original-layout safetensors (loadable by WanModel.from_pretrained);
-    opts: {name: (model, optimizer)}; extra: per-rank picklable state (reward statistics)."""
-    sds = {name: full_state_dict(m) for name, m in models.items()}  # collectives: every rank
-    osds = {name: optim_state(m, o) for name, (m, o) in opts.items()}
-    extras = [None] * WORLD
-    if WORLD > 1:
-        dist.all_gather_object(extras, extra)
-    else:
-        extras = [extra]
-    if RANK == 0:
-        final = os.path.join(stage_dir, f"step_{step:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for name, sd in sds.items():
-            save_safetensors(sd, os.path.join(tmp, f"{name}.safetensors"), unwrap(models[name]).cfg)
-        torch.save({"step": step, "optim": osds, "extra": extras, "config": asdict(cfg)}, os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(stage_dir, "latest.tmp"), "w") as fh:
-            fh.write(os.path.basename(final))
-        os.replace(os.path.join(stage_dir, "latest.tmp"), os.path.join(stage_dir, "latest"))
-        old = sorted(d for d in os.listdir(stage_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[: -cfg.keep_ckpts]:
-            shutil.rmtree(os.path.join(stage_dir, d), ignore_errors=True)
-        log(f"saved {final}")
-    if WORLD > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(stage_dir):
-    try:
-        with open(os.path.join(stage_dir, "latest")) as fh:
-            return os.path.join(stage_dir, fh.read().strip())
-    except OSError:
-        return None
-
-
-def load_checkpoint(path, models, opts):
-    from safetensors.torch import load_file
-
-    for name, m in models.items():
-        load_full_state_dict(m, load_file(os.path.join(path, f"{name}.safetensors")))
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    for name, (m, o) in opts.items():
-        load_optim_state(m, o, state["optim"][name])
-    log(f"resumed from {path} (step {state['step']})")
-    return state["step"], state["extra"][RANK] if RANK < len(state["extra"]) else None
+def autocast(cfg, device):
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
 
 
 def adamw(model, lr, cfg):
@@ -380,90 +229,86 @@ def adamw(model, lr, cfg):
                              weight_decay=cfg.weight_decay)
 
 
-class Logger:
-    def __init__(self, cfg, stage_dir):
-        self.path = os.path.join(stage_dir, "log.jsonl")
-        self.wandb = None
-        if RANK == 0 and cfg.wandb_project:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
-            except ImportError:
-                log("wandb_project given but wandb is not installed: logging to log.jsonl only")
-
-    def __call__(self, row):
-        if RANK != 0:
-            return
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["step"])
+def optimizer_step(what, step, model, optimizer, loss, cfg, run):
+    """The end of every update: clip the gradient, average the loss over ranks, stop on a non-finite loss (every rank
+    sees the same mean, so all stop together, before the step), step. loss: this rank's sum over micro-batches.
+    Returns the mean loss and the gradient norm before clipping, as floats."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    loss = run.proc.mean(loss).item()
+    if not math.isfinite(loss):
+        raise RuntimeError(f"{what} loss is {loss} at step {step}: stopping. The last good checkpoint is "
+                           f"{run.latest() or '(none written yet)'}; lower the learning rate or check the data, "
+                           "then --resume.")
+    optimizer.step()
+    return loss, item(norm)
 
 
-def check_finite(name, value, step, stage_dir):
-    """value: a loss already averaged over ranks, so every rank takes the same decision (one host sync per step)."""
-    if not math.isfinite(value):
-        last = latest_checkpoint(stage_dir)
-        raise RuntimeError(f"{name} loss is {value} at step {step}: stopping. The last good checkpoint is "
-                           f"{last or '(none written yet)'}; lower the learning rate or check the data, then --resume.")
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, parameter by parameter (sharded alike under FSDP)."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+
+
+def draw(prompts, cfg, g, g_shared):
+    """A micro-batch: batch_size prompts for this rank, and the exit step of its rollout, the same on every rank
+    (FSDP gathers weights in every forward, so the ranks must run the same number of them)."""
+    ps = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g, device=g.device).tolist()]
+    exit_step = int(torch.randint(len(cfg.student_steps), (1,), generator=g_shared, device=g.device))
+    return ps, exit_step
 
 
 # -----------------------------------------------------------------------------
 # stage 0 (toy worlds): a bidirectional teacher by flow matching
 
 
-def train_teacher(cfg, stage_dir):
+def train_teacher(cfg, lat, proc):
     """Flow matching (x_t = (1 - s) x0 + s eps, target v = eps - x0) on clips of the procedural world, with a share
     of empty captions so the teacher can do classifier-free guidance. The saved teacher is the EMA."""
     from data import toyworld
 
+    dev = proc.device
     torch.manual_seed(cfg.seed)
-    model = WanModel(PRESETS[cfg.model]).init_weights().to(DEVICE)
-    if model.cfg.in_dim != 3:
-        raise SystemExit(f"the toy world's latents are RGB frames: the {cfg.model} preset has in_dim={model.cfg.in_dim}")
-    if cfg.height != cfg.width:
-        raise SystemExit(f"toy world frames are square: height={cfg.height}, width={cfg.width}")
-    encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], model.cfg)  # the vocabulary, for a tiny random one
-    model.grad_ckpt = cfg.grad_ckpt
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    net, ema = wrap(model.train(), cfg, True), wrap(ema, cfg, False)
-    opt = adamw(net, cfg.lr_teacher, cfg)
-    models, opts = {"teacher": net, "teacher_ema": ema}, {"teacher": (net, opt)}
-    start = 0
-    if cfg.resume and latest_checkpoint(stage_dir):
-        start, _ = load_checkpoint(latest_checkpoint(stage_dir), models, opts)
-    logger = Logger(cfg, stage_dir)
+    teacher = WanModel(PRESETS[cfg.model]).init_weights().to(dev)
+    if teacher.cfg.in_dim != 3:
+        raise SystemExit(f"the toy world's latents are RGB frames: the {cfg.model} preset has in_dim={teacher.cfg.in_dim}")
+    if lat.h != lat.w:
+        raise SystemExit(f"toy world frames are square: --height={cfg.height}, --width={cfg.width}")
+    check_patch(cfg, lat, teacher)
+    encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], teacher.cfg, dev)  # the vocabulary, for a tiny one
+    teacher.grad_ckpt = cfg.grad_ckpt
+    teacher_ema = copy.deepcopy(teacher).requires_grad_(False).eval()
+    backend = cfg.compile_backend if cfg.compile else None
+    teacher, teacher_ema = proc.wrap(teacher.train(), True, backend), proc.wrap(teacher_ema, False, backend)
+    opt_teacher = adamw(teacher, cfg.lr_teacher, cfg)
+    run = StageDir(proc, cfg)
+    models, opts = {"teacher": teacher, "teacher_ema": teacher_ema}, {"teacher": (teacher, opt_teacher)}
+    start, _ = run.resume(models, opts) if cfg.resume else (0, None)
     fm = FlowMatch(cfg.teacher_shift)
     for step in range(start + 1, cfg.max_iters + 1):
         t0 = time.perf_counter()
-        g = rng(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
+        g = proc.rng(cfg.seed, step)
+        opt_teacher.zero_grad(set_to_none=True)
+        loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            idx = torch.randint(2**31 - 1, (cfg.batch_size,), generator=g, device=DEVICE).tolist()
-            clips = [toyworld.clip(i, cfg.num_frames, cfg.height, seed=cfg.seed) for i in idx]
-            x0 = torch.stack([c[0] for c in clips]).to(DEVICE)  # (B, 3, F, S, S) in [-1, 1]
-            drop = torch.rand(len(idx), generator=g, device=DEVICE) < cfg.caption_dropout
+            idx = torch.randint(2**31 - 1, (cfg.batch_size,), generator=g, device=dev).tolist()
+            clips = [toyworld.clip(i, lat.F, lat.h, seed=cfg.seed) for i in idx]
+            x0 = torch.stack([c[0] for c in clips]).to(dev)  # (B, 3, F, h, w) in [-1, 1]
+            drop = torch.rand(len(idx), generator=g, device=dev) < cfg.caption_dropout
             caps = ["" if d else c[1] for c, d in zip(clips, drop.tolist())]
-            t = fm.sample_t(len(idx), g, DEVICE, 0.0, 1000.0)
-            eps = torch.randn(x0.shape, generator=g, device=DEVICE)
-            with grad_sync(net, micro == cfg.grad_accum - 1), autocast(cfg):
-                loss = dmd.critic_loss(net(fm.add_noise(x0, eps, t), t, encode(caps)), eps, x0) / cfg.grad_accum
+            t = fm.sample_t(len(idx), g, dev, 0.0, 1000.0)  # (B,)
+            eps = torch.randn(x0.shape, generator=g, device=dev)
+            with grad_sync(teacher, micro == cfg.grad_accum - 1), autocast(cfg, dev):
+                loss = dmd.flow_matching_loss(teacher(fm.add_noise(x0, eps, t), t, encode(caps)), eps, x0) / cfg.grad_accum
                 loss.backward()
-            total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        loss_avg = all_mean(total).item()
-        check_finite("teacher", loss_avg, step, stage_dir)
-        opt.step()
-        ema_update(ema, net, cfg.teacher_ema if step > 1 else 0.0)
+            loss_sum += loss.detach()
+        loss, norm = optimizer_step("teacher", step, teacher, opt_teacher, loss_sum, cfg, run)
+        ema_update(teacher_ema, teacher, cfg.teacher_ema_decay if step > 1 else 0.0)
         if step % cfg.log_interval == 0:
-            logger({"step": step, "fm_loss": loss_avg, "grad_norm": as_float(gnorm),
-                    "s_per_it": time.perf_counter() - t0})
+            run.log({"step": step, "fm_loss": loss, "grad_norm": norm, "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
-            save_checkpoint(cfg, stage_dir, step, models, opts, None)
-    return ema
+            run.save(step, models, opts)
+    return teacher_ema
 
 
 # -----------------------------------------------------------------------------
@@ -471,25 +316,25 @@ def train_teacher(cfg, stage_dir):
 
 
 @torch.no_grad()
-def sample_ode_pairs(cfg, teacher, encode, prompts, folder):
-    """Each rank samples the trajectories i = rank, rank + WORLD, ... and writes them as safetensors shards:
+def sample_ode_pairs(cfg, lat, proc, teacher, encode, prompts, folder):
+    """Each rank samples the trajectories i = rank, rank + world, ... and writes them as safetensors shards:
     lat (n, K+1, C, F, h, w) at the teacher steps nearest the student's K timesteps, plus the clean end;
     t (K+1,) the exact timesteps of those latents; the prompts in the metadata."""
     from safetensors.torch import save_file
 
+    dev = proc.device
     fm = FlowMatch(cfg.ode_shift)
     ts = fm.trajectory(cfg.ode_steps)  # 1000 ... 0
     student_t = FlowMatch(cfg.student_shift).timesteps(cfg.student_steps)
     keep = [min(range(len(ts)), key=lambda i: abs(ts[i] - st)) for st in student_t] + [len(ts) - 1]
-    c = unwrap(teacher).cfg
-    neg = encode([cfg.negative_prompt])
-    mine = list(range(RANK, cfg.ode_pairs, WORLD))
+    neg = encode([cfg.negative_prompt])  # (1, L, D)
+    mine = list(range(proc.rank, cfg.ode_pairs, proc.world))
     for s in range(0, len(mine), cfg.batch_size):
         idx = mine[s : s + cfg.batch_size]
         ps = [prompts[i % len(prompts)] for i in idx]
         B = len(idx)
-        g = torch.Generator(device=DEVICE).manual_seed(cfg.seed * 1_000_003 + idx[0])
-        x = torch.randn(B, c.in_dim, cfg.num_frames, cfg.height, cfg.width, generator=g, device=DEVICE)
+        g = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + idx[0])
+        x = torch.randn(B, unwrap(teacher).cfg.in_dim, *lat, generator=g, device=dev)  # (B, C, F, h, w)
         ctx = torch.cat([encode(ps), neg.expand(B, -1, -1)])  # cond and uncond in one batch
         kept = {}  # teacher step -> latent; two student timesteps may share a step on a coarse trajectory
         for i in range(len(ts)):
@@ -497,25 +342,25 @@ def sample_ode_pairs(cfg, teacher, encode, prompts, folder):
                 kept[i] = x.clone()
             if i == len(ts) - 1:
                 break
-            with autocast(cfg):
-                v = teacher(torch.cat([x, x]), torch.full((2 * B,), ts[i], device=DEVICE), ctx).float()
+            with autocast(cfg, dev):
+                v = teacher(torch.cat([x, x]), torch.full((2 * B,), ts[i], device=dev), ctx).float()
             v = dmd.cfg(v[:B], v[B:], cfg.ode_guidance)
             x = x + (fm.sigma(ts[i + 1]) - fm.sigma(ts[i])) * v  # Euler step of dx/ds = v
-        lat = torch.stack([kept[i] for i in keep], dim=1).cpu()
-        path = os.path.join(folder, f"shard_r{RANK:03d}_{s:07d}.safetensors")
-        save_file({"lat": lat.contiguous(), "t": torch.tensor([ts[i] for i in keep])}, path + ".tmp",
-                  metadata={"prompts": json.dumps(ps)})
+        path = os.path.join(folder, f"shard_r{proc.rank:03d}_{s:07d}.safetensors")
+        save_file({"lat": torch.stack([kept[i] for i in keep], dim=1).cpu().contiguous(),
+                   "t": torch.tensor([ts[i] for i in keep])}, path + ".tmp", metadata={"prompts": json.dumps(ps)})
         os.replace(path + ".tmp", path)
-    log(f"ODE pairs: {cfg.ode_pairs} trajectories in {folder}, kept teacher steps {keep} (t = {[round(ts[i], 1) for i in keep]})")
+    proc.print(f"ODE pairs: {cfg.ode_pairs} trajectories in {folder}, kept teacher steps {keep} "
+               f"(t = {[round(ts[i], 1) for i in keep]})")
 
 
 class OdePairs:
     """All shards of a folder, read lazily one pair at a time."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, device):
         from safetensors import safe_open
 
-        self.items = []
+        self.items, self.device = [], device
         for name in sorted(os.listdir(folder)):
             if name.endswith(".safetensors"):
                 with safe_open(os.path.join(folder, name), "pt") as fh:
@@ -526,6 +371,7 @@ class OdePairs:
             raise SystemExit(f"{folder}: no ODE pair shards")
 
     def get(self, indices):
+        """-> lat (B, K+1, C, F, h, w) fp32, prompts."""
         from safetensors import safe_open
 
         lats, ps = [], []
@@ -534,240 +380,246 @@ class OdePairs:
             with safe_open(path, "pt") as fh:
                 lats.append(fh.get_slice("lat")[j : j + 1])
             ps.append(p)
-        return torch.cat(lats).to(DEVICE).float(), ps
+        return torch.cat(lats).to(self.device).float(), ps
 
 
-def train_ode(cfg, stage_dir):
+def train_ode(cfg, lat, proc):
+    """The causal student regresses the teacher's ODE end points from the trajectories' points at its timesteps."""
+    dev = proc.device
     prompts = read_prompts(cfg)
-    teacher = load_model(cfg.teacher, cfg, "teacher").requires_grad_(False).eval()
-    encode = text_encoder(cfg, prompts, teacher.cfg)
-    # the causal student starts as the teacher (before wrap(): FSDP converts a module in place)
-    student = load_model(cfg.student, cfg, "student") if cfg.student else copy.deepcopy(teacher)
-    folder = os.path.join(stage_dir, "pairs")
-    done = os.path.join(folder, "done.json")
-    if not os.path.exists(done):  # sample once; a resumed run reuses the shards
-        if RANK == 0:
+    teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
+    check_patch(cfg, lat, teacher)
+    encode = text_encoder(cfg, prompts, teacher.cfg, dev)
+    student = load_net(cfg.student, "student", cfg, proc) if cfg.student else copy.deepcopy(teacher)
+    backend = cfg.compile_backend if cfg.compile else None
+    run = StageDir(proc, cfg)
+    folder = os.path.join(run.path, "pairs")
+    if not os.path.exists(os.path.join(folder, "done.json")):  # sample once; a resumed run reuses the shards
+        if proc.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
-        if WORLD > 1:
-            dist.barrier()
-        sample_ode_pairs(cfg, wrap(teacher, cfg, trainable=False), encode, prompts, folder)
-        if WORLD > 1:
-            dist.barrier()
-        if RANK == 0:
-            with open(done, "w") as fh:
+        proc.barrier()
+        sample_ode_pairs(cfg, lat, proc, proc.wrap(teacher, False, backend), encode, prompts, folder)
+        proc.barrier()
+        if proc.rank == 0:
+            with open(os.path.join(folder, "done.json"), "w") as fh:
                 json.dump({"ode_pairs": cfg.ode_pairs}, fh)
-    pairs = OdePairs(folder)
+    pairs = OdePairs(folder, dev)
     K = len(pairs.t) - 1  # student timesteps; index K is the clean end point
-
     del teacher
+
     student.requires_grad_(True).train()
     student.grad_ckpt = cfg.grad_ckpt
-    gen = wrap(student, cfg, trainable=True)
-    opt = adamw(gen, cfg.lr_gen, cfg)
-    start = 0
-    if cfg.resume and latest_checkpoint(stage_dir):
-        start, _ = load_checkpoint(latest_checkpoint(stage_dir), {"generator": gen}, {"generator": (gen, opt)})
-    logger = Logger(cfg, stage_dir)
+    student = proc.wrap(student, True, backend)
+    opt_student = adamw(student, cfg.lr_student, cfg)
+    models, opts = {"generator": student}, {"generator": (student, opt_student)}
+    start, _ = run.resume(models, opts) if cfg.resume else (0, None)
     fm = FlowMatch(cfg.student_shift)
     C = cfg.chunk_frames
-    n_chunks = cfg.num_frames // C
     for step in range(start + 1, cfg.max_iters + 1):
         t0 = time.perf_counter()
-        g = rng(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
+        g = proc.rng(cfg.seed, step)
+        opt_student.zero_grad(set_to_none=True)
+        loss_sum = 0.0
         # the whole accumulated batch is drawn at once: batch 2 x accum 1 and batch 1 x accum 2 see the same pairs
-        idx_all = torch.randint(len(pairs.items), (cfg.grad_accum, cfg.batch_size), generator=g, device=DEVICE)
-        k_all = torch.randint(K, (cfg.grad_accum, cfg.batch_size, n_chunks), generator=g, device=DEVICE)
+        idx_all = torch.randint(len(pairs.items), (cfg.grad_accum, cfg.batch_size), generator=g, device=dev)
+        k_all = torch.randint(K, (cfg.grad_accum, cfg.batch_size, lat.F // C), generator=g, device=dev)
         for micro in range(cfg.grad_accum):
-            lat, ps = pairs.get(idx_all[micro].tolist())  # (B, K+1, C, F, h, w)
-            B = lat.shape[0]
+            x, ps = pairs.get(idx_all[micro].tolist())  # (B, K+1, C, F, h, w)
+            B = x.shape[0]
             k = k_all[micro].repeat_interleave(C, dim=1)  # (B, F): one random student timestep per chunk
-            x_t = torch.gather(lat, 1, k[:, None, None, :, None, None].expand(B, 1, *lat.shape[2:])).squeeze(1)
-            t = pairs.t.to(DEVICE)[k]  # (B, F)
-            with grad_sync(gen, micro == cfg.grad_accum - 1), autocast(cfg):
-                v = gen(x_t, t, encode(ps), chunk_frames=C, window_frames=cfg.window_frames,
-                        sink_frames=0 if cfg.sink_mode == "none" else cfg.sink_frames).float()
-                x0 = x_t - fm.sigma(t)[:, None, :, None, None] * v
-                loss = dmd.ode_loss(x0, lat[:, K]) / cfg.grad_accum
+            x_t = torch.gather(x, 1, k[:, None, None, :, None, None].expand(B, 1, *x.shape[2:])).squeeze(1)
+            t = pairs.t.to(dev)[k]  # (B, F)
+            with grad_sync(student, micro == cfg.grad_accum - 1), autocast(cfg, dev):
+                v = student(x_t, t, encode(ps), chunk_frames=C, window_frames=cfg.window_frames,
+                            sink_frames=0 if cfg.sink_mode == "none" else cfg.sink_frames).float()
+                x0 = x_t - fm.sigma(t)[:, None, :, None, None] * v  # (B, C, F, h, w)
+                loss = dmd.ode_loss(x0, x[:, K]) / cfg.grad_accum
                 loss.backward()
-            total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
-        loss_avg = all_mean(total).item()
-        check_finite("ODE", loss_avg, step, stage_dir)
-        opt.step()
+            loss_sum += loss.detach()
+        loss, norm = optimizer_step("ODE", step, student, opt_student, loss_sum, cfg, run)
         if step % cfg.log_interval == 0:
-            logger({"step": step, "ode_loss": loss_avg, "grad_norm": as_float(gnorm),
-                    "s_per_it": time.perf_counter() - t0})
+            run.log({"step": step, "ode_loss": loss, "grad_norm": norm, "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
-            save_checkpoint(cfg, stage_dir, step, {"generator": gen}, {"generator": (gen, opt)}, None)
-    return gen
+            run.save(step, models, opts)
+    return student
 
 
 # -----------------------------------------------------------------------------
 # stage 2: Re-DMD
 
 
-def train_redmd(cfg, stage_dir):
+def train_redmd(cfg, lat, proc):
+    """Re-DMD (paper §3.3) on self-forcing rollouts of the student through the EMA-Sink cache."""
+    dev = proc.device
     prompts = read_prompts(cfg)
-    teacher = load_model(cfg.teacher, cfg, "teacher (real score)").requires_grad_(False).eval()
-    encode = text_encoder(cfg, prompts, teacher.cfg)
-    decode = pixel_decoder(cfg)
-    reward = reward_model(cfg)
-    student_path = cfg.student
-    ode_out = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
-    if not student_path and ode_out:
-        student_path = os.path.join(ode_out, "generator.safetensors")
-    student = load_model(student_path, cfg, "student (generator)") if student_path else copy.deepcopy(teacher)
-    critic = load_model(cfg.critic, cfg, "critic (fake score)") if cfg.critic else copy.deepcopy(teacher)
-    critic.requires_grad_(True).train()  # the fake score starts as the teacher (or --critic)
+    teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
+    check_patch(cfg, lat, teacher)
+    encode, decode, reward = text_encoder(cfg, prompts, teacher.cfg, dev), pixel_decoder(cfg, dev), reward_model(cfg, dev)
+    student = load_net(cfg.student, "student", cfg, proc) if cfg.student else copy.deepcopy(teacher)
+    critic = load_net(cfg.critic, "critic", cfg, proc) if cfg.critic else copy.deepcopy(teacher)
+    critic.requires_grad_(True).train()
     student.requires_grad_(True).train()
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    student_ema = copy.deepcopy(student).requires_grad_(False).eval()
     critic.grad_ckpt = cfg.grad_ckpt
-    gen, crit, ema = wrap(student, cfg, True), wrap(critic, cfg, True), wrap(ema, cfg, False)
-    real = wrap(teacher, cfg, False)
-    opt_g, opt_c = adamw(gen, cfg.lr_gen, cfg), adamw(crit, cfg.lr_critic, cfg)
-    models = {"generator": gen, "generator_ema": ema, "critic": crit}
-    opts = {"generator": (gen, opt_g), "critic": (crit, opt_c)}
-    start = 0
-    if cfg.resume and latest_checkpoint(stage_dir):
-        start, extra = load_checkpoint(latest_checkpoint(stage_dir), models, opts)
-        if extra is not None and reward is not None:
-            reward.load_state_dict(extra)
-    logger = Logger(cfg, stage_dir)
+    backend = cfg.compile_backend if cfg.compile else None  # wrap after every copy: FSDP converts a module in place
+    student, critic = proc.wrap(student, True, backend), proc.wrap(critic, True, backend)
+    student_ema, teacher = proc.wrap(student_ema, False, backend), proc.wrap(teacher, False, backend)
+    opt_student, opt_critic = adamw(student, cfg.lr_student, cfg), adamw(critic, cfg.lr_critic, cfg)
+    run = StageDir(proc, cfg)
+    models = {"generator": student, "generator_ema": student_ema, "critic": critic}
+    opts = {"generator": (student, opt_student), "critic": (critic, opt_critic)}
+    start, reward_state = run.resume(models, opts) if cfg.resume else (0, None)
+    if reward_state is not None and reward is not None:
+        reward.load_state_dict(reward_state)
 
     fm = FlowMatch(cfg.student_shift)
-    C = cfg.chunk_frames
-    n_chunks = cfg.num_frames // C
-    neg = encode([cfg.negative_prompt])
-    cache_dtype = torch.float32 if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+    neg = encode([cfg.negative_prompt])  # (1, L, D)
 
-    def generate(step, ctx, exit_step, g):
-        """Self-forcing rollout through the same EMA-Sink cache as sampling -> (B, C, F, h, w)."""
-        cache = SinkCache(unwrap(gen), ctx.shape[0], cfg.height, cfg.width, chunk_frames=C, window_frames=cfg.window_frames,
-                          sink_frames=cfg.sink_frames, mode=cfg.sink_mode, alpha=cfg.alpha,
-                          max_frames=cfg.num_frames if cfg.sink_mode == "full" else None, dtype=cache_dtype)
-        with autocast(cfg):
-            chunks = rollout(gen, cache, n_chunks, context=ctx, timesteps=fm.timesteps(cfg.student_steps),
-                             exit_step=exit_step, generator=g)
+    def generate(ctx, exit_step, g):
+        """Self-forcing rollout through the sampling cache (EMA-Sink, paper §3.2) -> x (B, C, F, h, w); with grad
+        through each chunk's exit-step forward only, unless called under torch.no_grad()."""
+        cache = SinkCache.from_settings(unwrap(student), cfg, ctx.shape[0], lat.h, lat.w, num_frames=lat.F,
+                                        dtype=getattr(torch, cfg.dtype))
+        with autocast(cfg, dev):
+            chunks = rollout(student, cache, lat.F // cfg.chunk_frames, context=ctx,
+                             timesteps=fm.timesteps(cfg.student_steps), exit_step=exit_step, generator=g)
             return torch.cat(list(chunks), dim=2)
 
-    def x0_of(model, x_t, t, ctx):
-        with autocast(cfg):
-            return fm.x0_from_v(x_t, model(x_t, t, ctx).float(), t)
+    def x0_of(net, x_t, t, ctx):  # a flow-matching network's denoised estimate mu(x_t, t) = x_t - s v
+        with autocast(cfg, dev):
+            return fm.x0_from_v(x_t, net(x_t, t, ctx).float(), t)
+
+    def student_step(step, g, g_shared):
+        """Re-DMD, paper Eq. 11: each rollout's DMD gradient (s_real - s_fake, Eq. 1-2) weighted by exp(r / beta)."""
+        opt_student.zero_grad(set_to_none=True)
+        loss_sum, rs, ws = 0.0, [], []
+        for micro in range(cfg.grad_accum):
+            ps, exit_step = draw(prompts, cfg, g, g_shared)
+            ctx = encode(ps)  # (B, L, D)
+            B = ctx.shape[0]
+            with grad_sync(student, micro == cfg.grad_accum - 1):
+                x = generate(ctx, exit_step, g)  # (B, C, F, h, w)
+                with torch.no_grad():
+                    r = reward(decode(x), ps).to(dev).float() if reward is not None else torch.zeros(B, device=dev)
+                    w = dmd.reward_weight(r, cfg.beta, cfg.reward_clip)  # (B,) exp(r / beta), Eq. 9-11
+                    t = fm.sample_t(B, g, dev, cfg.dmd_t_min, cfg.dmd_t_max)  # (B,)
+                    x_t = fm.add_noise(x, torch.randn(x.shape, generator=g, device=dev), t)  # Psi(G(eps), t)
+                    x0_fake = x0_of(critic, x_t, t, ctx)  # fake score: the critic, conditional only
+                    x0_cond, x0_uncond = x0_of(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                               torch.cat([ctx, neg.expand(B, -1, -1)])).chunk(2)
+                    x0_real = dmd.cfg(x0_cond, x0_uncond, cfg.dmd_guidance)  # real score: the teacher with CFG
+                loss = dmd.dmd_loss(x, x0_real, x0_fake, w) / cfg.grad_accum  # d loss / d x = w (x0_fake - x0_real) / norm
+                loss.backward()
+            loss_sum += loss.detach()
+            rs.append(r)
+            ws.append(w)
+        w_mean = proc.mean(torch.cat(ws).mean()).item()  # over the global batch (every rank holds as many samples)
+        if cfg.reward_norm:  # sum_b w_b l_b / sum_b w_b over the global batch: one scalar rescale of the gradient
+            for p in student.parameters():
+                if p.grad is not None:
+                    p.grad.div_(w_mean)
+        loss, norm = optimizer_step("student", step, student, opt_student, loss_sum, cfg, run)
+        ema_update(student_ema, student, cfg.ema_decay if step >= cfg.ema_start else 0.0)  # a copy before ema_start
+        return {"student_loss": loss, "reward": proc.mean(torch.cat(rs).mean()).item(), "weight": w_mean,
+                "student_grad_norm": norm}
+
+    def critic_step(step, g, g_shared):
+        """The fake score follows the student: flow matching on fresh rollouts (no grad into the student)."""
+        opt_critic.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            ps, exit_step = draw(prompts, cfg, g, g_shared)
+            ctx = encode(ps)  # (B, L, D)
+            with torch.no_grad():
+                x = generate(ctx, exit_step, g)  # (B, C, F, h, w)
+            t = fm.sample_t(x.shape[0], g, dev, cfg.dmd_t_min, cfg.dmd_t_max)
+            eps = torch.randn(x.shape, generator=g, device=dev)
+            x_t = fm.add_noise(x, eps, t)
+            with grad_sync(critic, micro == cfg.grad_accum - 1), autocast(cfg, dev):
+                loss = dmd.flow_matching_loss(critic(x_t, t, ctx), eps, x) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        loss, norm = optimizer_step("critic", step, critic, opt_critic, loss_sum, cfg, run)
+        return {"critic_loss": loss, "critic_grad_norm": norm}
 
     for step in range(start + 1, cfg.max_iters + 1):
         t0 = time.perf_counter()
-        g, g_shared = rng(cfg, step), rng(cfg, step, shared=True)
+        g, g_shared = proc.rng(cfg.seed, step), proc.rng(cfg.seed, step, shared=True)
         row = {"step": step}
-
-        # --- generator: Re-DMD (paper Eq. 11), every gen_every iterations -----------------------------------
-        if step % cfg.gen_every == 0:
-            opt_g.zero_grad(set_to_none=True)
-            total, rewards, weights = 0.0, [], []
-            for micro in range(cfg.grad_accum):
-                ps = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g, device=DEVICE).tolist()]
-                ctx = encode(ps)
-                B = ctx.shape[0]
-                exit_step = int(torch.randint(len(cfg.student_steps), (1,), generator=g_shared, device=DEVICE))
-                with grad_sync(gen, micro == cfg.grad_accum - 1):
-                    x = generate(step, ctx, exit_step, g)  # with grad through each chunk's exit step
-                    with torch.no_grad():
-                        r = reward(decode(x.detach()), ps) if reward is not None else torch.zeros(B, device=DEVICE)
-                        w = dmd.reward_weight(r.to(DEVICE).float(), cfg.beta, cfg.reward_clip)  # exp(r / beta)
-                        t = fm.sample_t(B, g, DEVICE, cfg.dmd_t_min, cfg.dmd_t_max)
-                        x_t = fm.add_noise(x.detach(), torch.randn(x.shape, generator=g, device=DEVICE), t)
-                        x0_fake = x0_of(crit, x_t, t, ctx)  # fake score: conditional only
-                        x0_c = x0_of(real, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([ctx, neg.expand(B, -1, -1)]))
-                        x0_real = dmd.cfg(x0_c[:B], x0_c[B:], cfg.real_guidance)  # real score with CFG
-                    loss = dmd.dmd_loss(x, x0_real, x0_fake, w) / cfg.grad_accum
-                    loss.backward()
-                total += loss.detach()
-                rewards.append(r.detach())
-                weights.append(w)
-            if cfg.reward_norm:  # gradient of sum_b w_b l_b / sum_b w_b over the global batch: one scalar rescale
-                wsum = torch.stack([w.sum() for w in weights]).sum()
-                n = torch.tensor(float(sum(w.numel() for w in weights)), device=DEVICE)
-                if WORLD > 1:
-                    dist.all_reduce(wsum)
-                    dist.all_reduce(n)
-                for p in gen.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(n / wsum)
-            gnorm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
-            row["gen_loss"] = all_mean(total).item()
-            check_finite("generator", row["gen_loss"], step, stage_dir)
-            opt_g.step()
-            ema_update(ema, gen, cfg.ema_decay if step >= cfg.ema_start else 0.0)  # a plain copy before ema_start
-            row["reward"] = all_mean(torch.cat(rewards).mean()).item()
-            row["weight"] = all_mean(torch.cat(weights).mean()).item()
-            row["gen_grad_norm"] = as_float(gnorm)
-
-        # --- critic: flow matching on fresh generator samples, every iteration -------------------------------
-        opt_c.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            ps = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=g, device=DEVICE).tolist()]
-            ctx = encode(ps)
-            B = ctx.shape[0]
-            exit_step = int(torch.randint(len(cfg.student_steps), (1,), generator=g_shared, device=DEVICE))
-            with torch.no_grad():
-                x = generate(step, ctx, exit_step, g)
-            t = fm.sample_t(B, g, DEVICE, cfg.dmd_t_min, cfg.dmd_t_max)
-            eps = torch.randn(x.shape, generator=g, device=DEVICE)
-            x_t = fm.add_noise(x, eps, t)
-            with grad_sync(crit, micro == cfg.grad_accum - 1), autocast(cfg):
-                loss = dmd.critic_loss(crit(x_t, t, ctx), eps, x) / cfg.grad_accum
-                loss.backward()
-            total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(crit.parameters(), cfg.grad_clip)
-        row["critic_loss"] = all_mean(total).item()
-        check_finite("critic", row["critic_loss"], step, stage_dir)
-        opt_c.step()
-        row["critic_grad_norm"] = as_float(gnorm)
+        if step % cfg.student_every == 0:  # the student every student_every iterations (paper: 5), the critic every one
+            row |= student_step(step, g, g_shared)
+        row |= critic_step(step, g, g_shared)
         row["s_per_it"] = time.perf_counter() - t0
-
         if step % cfg.log_interval == 0:
-            logger(row)
+            run.log(row)
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
-            save_checkpoint(cfg, stage_dir, step, models, opts, reward.state_dict() if reward is not None else None)
-    return gen
+            run.save(step, models, opts, reward.state_dict() if reward is not None else None)
+    return student
 
 
 # -----------------------------------------------------------------------------
 
+STAGES = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}
 
-def fingerprint(model):
-    """One float per model from its full weights: equal on every rank when data parallelism is right."""
-    sd = full_state_dict(model, all_ranks=True)
-    return sum(float(v.double().sum()) + 1e-3 * float(v.double().abs().sum()) for v in sd.values())
+
+def stage_file(path, name):
+    """A stage folder (out/toy/teacher) means its latest checkpoint's `name`.safetensors; anything else is as given."""
+    if path and os.path.isdir(path) and latest_checkpoint(path):
+        return os.path.join(latest_checkpoint(path), f"{name}.safetensors")
+    return path
+
+
+def resolve(cfg):
+    """The settings as the stages read them, resolved once: dtype, negative prompt, networks' files, latent sizes.
+    Returns (cfg, Latent); invalid settings exit with a one-line message before any process group starts."""
+    from t5 import NEGATIVE_PROMPT
+
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage must be teacher, ode or redmd, got {cfg.stage!r}")
+    # Wan's VAE: F latent frames <-> 1 + 4 (F - 1) video frames, 8 x 8 pixels per latent; no VAE: the latents are the video
+    ts, ss = 1, 1
+    if cfg.vae:
+        from vae import VAEConfig
+
+        ts, ss = VAEConfig().temporal_stride, VAEConfig().spatial_stride
+    n, C = cfg.num_frames, cfg.chunk_frames
+    if n < 1 or (n - 1) % ts:
+        vae = " with Wan's VAE (81 = 1 + 4 x 20)" if cfg.vae else ""
+        raise SystemExit(f"--num_frames={n}: video frames must be 1 + {ts} k, k >= 0{vae}")
+    F = 1 + (n - 1) // ts
+    if F % C:
+        allowed = ", ".join(str(1 + ts * (k * C - 1)) for k in (1, 2, 3))
+        raise SystemExit(f"--num_frames={n}: {F} latent frames, not a multiple of --chunk_frames={C}; "
+                         f"video frames must be one of {allowed}, ...")
+    for name, px in (("height", cfg.height), ("width", cfg.width)):
+        if px < 1 or px % ss:
+            raise SystemExit(f"--{name}={px}: pixels must be a positive multiple of {ss} (the VAE's stride)")
+    student = stage_file(cfg.student, "generator")
+    ode_ckpt = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
+    if cfg.stage == "redmd" and not student and ode_ckpt:  # Re-DMD starts from the ODE stage's student
+        student = os.path.join(ode_ckpt, "generator.safetensors")
+    neg = cfg.negative_prompt
+    if neg is None:  # Wan's long negative prompt is umT5's; a tiny encoder of a few rows gets a short one
+        neg = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
+    dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")  # 'auto' -> a name
+    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student,
+                  teacher=stage_file(cfg.teacher, "teacher_ema"))  # a teacher stage folder -> its EMA teacher
+    return cfg, Latent(F, cfg.height // ss, cfg.width // ss)
 
 
 def main(argv=None):
-    cfg = configure(TrainConfig(), argv, doc=__doc__)
-    if cfg.stage not in ("teacher", "ode", "redmd"):
-        raise SystemExit(f"--stage must be teacher, ode or redmd, got {cfg.stage!r}")
-    cfg.teacher = resolve(cfg.teacher, "teacher_ema")  # a teacher stage folder -> its EMA weights
-    cfg.student = resolve(cfg.student, "generator")
-    if cfg.num_frames % cfg.chunk_frames:
-        raise SystemExit(f"num_frames={cfg.num_frames} must be a multiple of chunk_frames={cfg.chunk_frames}")
-    setup(cfg)
-    stage_dir = os.path.join(cfg.out_dir, cfg.stage)
-    if RANK == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-    if WORLD > 1:
-        dist.barrier()
-    log(f"{cfg.stage}: {WORLD} process(es) on {DEVICE}, {cfg.dtype}, {cfg.dist if WORLD > 1 else 'single'}")
+    """Train one stage; returns the trained network (the student; the teacher stage: the teacher's EMA)."""
+    cfg, lat = resolve(configure(TrainConfig(), argv, doc=__doc__))
+    proc = Proc.setup(cfg.device, cfg.dist)
     try:
-        gen = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}[cfg.stage](cfg, stage_dir)
-        fp = fingerprint(gen)
-        print(f"rank {RANK} generator fingerprint {fp:.10e}", flush=True)
-        if WORLD > 1:  # no rank tears gloo/nccl down while another still has work in flight
-            dist.barrier()
+        proc.print(f"{cfg.stage}: {proc.world} process(es) on {proc.device}, {cfg.dtype}, "
+                   f"{cfg.dist if proc.world > 1 else 'single'}, latents {lat.F} x {lat.h} x {lat.w}")
+        net = STAGES[cfg.stage](cfg, lat, proc)
+        proc.barrier()  # no rank tears the process group down while another still has work in flight
+        return net
     finally:
-        if WORLD > 1:
-            dist.destroy_process_group()
+        proc.close()
 
 
 if __name__ == "__main__":

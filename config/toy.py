@@ -8,6 +8,7 @@ prompts = "data/toy/prompts.txt"
 negative_prompt = ""  # the teacher learns the unconditional branch from empty captions
 out_dir = "out/toy"
 teacher = "out/toy/teacher"  # the teacher stage's folder: its latest EMA weights
+# sizes are the video's (pixels); with no --vae the latents are the video, so these are latent sizes too
 num_frames = 12  # 4 chunks of 3 frames; evaluation streams 120+
 height = 16
 width = 16
@@ -21,10 +22,10 @@ ode_steps = 24
 ode_shift = 3.0  # the teacher trained at shift 3
 ode_guidance = 2.0  # CFG 3 bled the object colour into the background on this small teacher
 # Re-DMD at toy scale: the paper's 2e-6 / 4e-7 fine-tune a 1.3B model; same 5:1 ratio here
-lr_gen = 1e-4
+lr_student = 1e-4
 lr_critic = 2e-5
-gen_every = 5
+student_every = 5
 ema_start = 50
-real_guidance = 2.0
+dmd_guidance = 2.0
 save_interval = 100
 log_interval = 10

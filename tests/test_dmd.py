@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dmd import FlowMatch, cfg, critic_loss, dmd_loss, reward_weight
+from dmd import FlowMatch, cfg, dmd_loss, flow_matching_loss, reward_weight
 
 
 def test_flow_matching_roundtrip_and_schedules():
@@ -83,8 +83,8 @@ def test_dmd_moves_the_generator_to_the_real_mean():
     assert dist[-1] < 1e-3 and all(b <= a + 1e-3 for a, b in zip(dist, dist[1:]))  # monotone, to the real mean
 
 
-def test_critic_loss_is_flow_matching():
+def test_flow_matching_loss_is_zero_at_the_velocity():
     x, eps = torch.randn(2, 3), torch.randn(2, 3)
-    assert critic_loss(eps - x, eps, x).item() == 0.0
-    assert critic_loss(eps - x + 1.0, eps, x).item() == pytest.approx(1.0)
+    assert flow_matching_loss(eps - x, eps, x).item() == 0.0
+    assert flow_matching_loss(eps - x + 1.0, eps, x).item() == pytest.approx(1.0)
     assert math.isfinite(dmd_loss(torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4)).item())  # 0 / 0 guarded

@@ -21,7 +21,7 @@ def tiny(tmp, out, *extra):
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return [f"--prompts={prompts}", f"--out_dir={out}", "--num_frames=6", "--height=4", "--width=4", "--batch_size=2",
-            "--ode_pairs=4", "--ode_steps=8", "--save_interval=2", "--gen_every=2", "--lr_gen=1e-3", "--lr_critic=1e-3",
+            "--ode_pairs=4", "--ode_steps=8", "--save_interval=2", "--student_every=2", "--lr_student=1e-3", "--lr_critic=1e-3",
             *extra]
 
 
@@ -30,7 +30,9 @@ def run(args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, "train.py", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+        # tests/dist_fingerprint.py: train.main(args), then each rank prints a fingerprint of the full weights
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "tests/dist_fingerprint.py", *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
@@ -45,15 +47,15 @@ def test_torchrun_two_ranks_both_stages(tmp_path, backend):
     out = tmp_path / "out"
     for stage in ("ode", "redmd"):
         stdout = run(tiny(tmp_path, out, f"--stage={stage}", f"--dist={backend}", "--max_iters=3"), nproc=2)
-        fps = dict(re.findall(r"rank (\d) generator fingerprint ([0-9.e+-]+)", stdout))  # ranks share stdout: lines may run together
+        fps = dict(re.findall(r"rank (\d) student fingerprint ([0-9.e+-]+)", stdout))  # ranks share stdout: lines may run together
         assert set(fps) == {"0", "1"}, stdout[-2000:]
         assert fps["0"] == fps["1"], f"{stage}: ranks disagree after training: {fps}"
         assert (out / stage / "step_000003" / "generator.safetensors").exists()
     log = rows(out / "redmd" / "log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3]
-    assert "gen_loss" in log[1] and "gen_loss" not in log[0]  # generator every 2nd iteration, critic every one
+    assert "student_loss" in log[1] and "student_loss" not in log[0]  # student every 2nd iteration, critic every one
     assert all("critic_loss" in r for r in log)
-    assert "student (generator): " + str(out / "ode" / "step_000003" / "generator.safetensors") in stdout
+    assert "student: " + str(out / "ode" / "step_000003" / "generator.safetensors") in stdout
 
 
 def test_ode_stage_learns_and_pairs_are_teacher_trajectories(tmp_path):
@@ -80,7 +82,7 @@ def test_resume_is_exact(tmp_path):
     a, b = rows(tmp_path / "a" / "redmd" / "log.jsonl"), rows(tmp_path / "b" / "redmd" / "log.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a[2:], b[2:]):
-        for key in ("gen_loss", "critic_loss", "reward", "weight"):
+        for key in ("student_loss", "critic_loss", "reward", "weight"):
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
     wa = load_file(str(tmp_path / "a" / "redmd" / "step_000004" / "generator_ema.safetensors"))
@@ -108,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     import dmd
     import train
 
-    real = dmd.critic_loss
+    real = dmd.flow_matching_loss
     calls = {"n": 0}
 
     def poisoned(v, eps, x):
@@ -116,10 +118,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(v, eps, x)
         return loss * float("nan") if calls["n"] >= 3 else loss  # the third critic step goes bad
 
-    monkeypatch.setattr(dmd, "critic_loss", poisoned)
+    monkeypatch.setattr(dmd, "flow_matching_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"critic loss is nan at step 3.*last good checkpoint is .*step_000002"):
-        train.main(tiny(tmp_path, out, "--stage=redmd", "--max_iters=4", "--gen_every=5"))
+        train.main(tiny(tmp_path, out, "--stage=redmd", "--max_iters=4", "--student_every=5"))
     assert (out / "redmd" / "step_000002").exists() and not (out / "redmd" / "step_000003").exists()
     assert (out / "redmd" / "latest").read_text() == "step_000002"
 
@@ -131,7 +133,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
         train.main(["--stage=ode"])
     with pytest.raises(SystemExit, match="nowhere.txt: cannot read it"):
         train.main(["--stage=ode", f"--prompts={tmp_path}/nowhere.txt"])
-    with pytest.raises(SystemExit, match="num_frames=7 must be a multiple of chunk_frames=3"):
+    with pytest.raises(SystemExit, match="--num_frames=7: 7 latent frames, not a multiple of --chunk_frames=3"):
         train.main(["--num_frames=7"])
     with pytest.raises(SystemExit, match="--stage must be teacher, ode or redmd"):
         train.main(["--stage=sft"])
@@ -141,7 +143,7 @@ def test_compile_and_bf16_autocast_run(tmp_path):
     """--compile wires torch.compile into every model (aot_eager here: inductor takes minutes on a CPU), and bf16
     autocast with gradient checkpointing trains."""
     run(tiny(tmp_path, tmp_path / "c", "--stage=redmd", "--max_iters=2", "--compile=true", "--compile_backend=aot_eager"))
-    assert "gen_loss" in rows(tmp_path / "c" / "redmd" / "log.jsonl")[1]
+    assert "student_loss" in rows(tmp_path / "c" / "redmd" / "log.jsonl")[1]
     run(tiny(tmp_path, tmp_path / "b", "--stage=redmd", "--max_iters=2", "--dtype=bfloat16", "--grad_ckpt=true"))
     assert all(math.isfinite(r["critic_loss"]) for r in rows(tmp_path / "b" / "redmd" / "log.jsonl"))
 
@@ -156,10 +158,10 @@ def test_toy_recipe_each_stage_runs(tmp_path):
     assert (out / "teacher" / "step_000002" / "teacher_ema.safetensors").exists()
     stdout = run([*small, "--stage=ode", "--max_iters=2", "--ode_pairs=2", "--ode_steps=4"])
     assert f"teacher: {out}/teacher/step_000002/teacher_ema.safetensors" in stdout
-    stdout = run([*small, "--stage=redmd", "--max_iters=2", "--gen_every=1"])
-    assert f"student (generator): {out}/ode/step_000002/generator.safetensors" in stdout
+    stdout = run([*small, "--stage=redmd", "--max_iters=2", "--student_every=1"])
+    assert f"student: {out}/ode/step_000002/generator.safetensors" in stdout
     log = rows(out / "redmd" / "log.jsonl")
-    assert all(math.isfinite(r["gen_loss"]) and math.isfinite(r["critic_loss"]) for r in log)
+    assert all(math.isfinite(r["student_loss"]) and math.isfinite(r["critic_loss"]) for r in log)
     from model import WanModel
 
     student = WanModel.from_pretrained(out / "redmd" / "step_000002" / "generator_ema.safetensors")
