@@ -1,13 +1,14 @@
 """
-The speed protocol (README 'bench.py: the speed protocol'): what streaming costs, measured in one process, interleaved and repeated.
+The speed protocol: what streaming costs, measured in one process, interleaved and repeated.
 
     python bench.py                 # on an accelerator: the 1.3B student at 832x480 with the Wan VAE; on CPU: 'mid'
     python bench.py --quick=true    # tiny sizes, a few repeats, aot_eager compile: the test suite runs this (CPU)
-    python bench.py --size=full --compile=off
+    python bench.py --scale=full --legs=eager
 
 1. FLOPs: one steady-state chunk of the 1.3B DiT at 832x480 (9-frame window, 4 denoising steps + the cache pass)
    and one Wan VAE chunk decode, counted by torch.utils.flop_counter.FlopCounterMode on the meta device (no memory,
-   no weights), checked against REFERENCE §9 and turned into a projected H100 FPS at a stated efficiency.
+   no weights), checked within 1% against the published counts (PUBLISHED_TF below) and turned into a projected
+   H100 FPS at a stated efficiency.
 2. Timed sessions: a session = a fresh cache + stream decoder, `chunks` chunks of streaming (rollout + decode +
    pixels to the host). Legs (eager, compiled) alternate within each repeat, the order flipping every repeat;
    repeat 0 is warm-up (compile, allocator, kernel selection) and is dropped. Within a session the chunks before the
@@ -16,7 +17,8 @@ The speed protocol (README 'bench.py: the speed protocol'): what streaming costs
 3. A long session of `long_chunks` (>= 60) chunks: per-chunk ms and process RSS after every chunk (flat once the
    window is full), and the torch.compile recompiles after warm-up (0 expected).
 4. Our DiT forward against diffusers' WanTransformer3DModel on one mid-size config with copied weights (written
-   by save_pretrained, read by WanModel.from_pretrained): median time ratio ours / diffusers, and the output error.
+   by save_pretrained, read by WanModel.from_pretrained): median time ratio ours / diffusers, and the output error
+   for information (parity itself is tests/test_model.py's job).
 The last line of output is one JSON object with every number.
 """
 
@@ -31,21 +33,23 @@ from dataclasses import dataclass
 
 import torch
 
-from config import configure
-from model import PRESETS, WanConfig, WanModel
-from config import pick_device, pick_dtype
-from sample import cast_like_wan, opt, peak_rss_mb, rss_mb, sync, to_uint8
+from config import configure, opt, pick_device, pick_dtype
+from model import PRESETS, WanConfig, WanModel, param_dtype
+from sample import peak_rss_mb, rss_mb, sync, to_uint8
 from sink import SinkCache, rollout
 from vae import VAE_PRESETS, WanVAE
 
-# REFERENCE §9 (TFLOPs), the 1.3B DiT at 832x480 with 3-frame chunks and a 9-frame window
-REFERENCE_TF = dict(linear_per_forward=11.70, self_attn_per_frame=1.346, cross_per_forward=0.44,
+# The published FLOP counts, in TFLOPs, of Wan2.1-T2V-1.3B at 832x480 with 3-frame chunks and a 9-frame window:
+# per DiT forward 11.70 linear + 1.346 per attended frame of self-attention + 0.44 cross-attention = 24.3; a chunk
+# is 5 forwards (4 denoising steps + the cache pass) = 121.0, i.e. 10.1 per output pixel frame (12 per chunk);
+# the Wan VAE decode costs 3.39 per pixel frame.
+PUBLISHED_TF = dict(linear_per_forward=11.70, self_attn_per_frame=1.346, cross_per_forward=0.44,
                     per_forward=24.3, per_chunk=121.0, per_output_frame=10.1, vae_per_frame=3.39)
 H100_BF16_TFLOPS = 989.0  # dense peak
 
 # mid size: CPU-feasible, heads of 128 channels like Wan (RoPE split 44/42/42), the diffusers comparison's config
 MID = WanConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=4, freq_dim=256, text_dim=256)
-SIZES = {  # DiT config, VAE preset, pixel height, width
+SCALES = {  # DiT config, VAE preset, pixel height, width
     "full": (PRESETS["wan2.1-t2v-1.3b"], "wan2.1", 480, 832),
     "mid": (MID, "tiny", 128, 128),
     "tiny": (PRESETS["tiny"], "tiny", 32, 32),
@@ -55,15 +59,16 @@ SIZES = {  # DiT config, VAE preset, pixel height, width
 @dataclass
 class BenchConfig:
     quick: bool = opt(False, "tiny sizes, few repeats, aot_eager compile (the test suite's run)")
-    size: str = opt("auto", "timed model: full (1.3B, 832x480, Wan VAE) | mid (dim 256, 4 layers, 128x128, tiny VAE) "
-                            "| tiny | auto (full on an accelerator, mid on CPU, tiny with --quick)")
+    scale: str = opt("auto", "timed model: full (1.3B, 832x480, Wan VAE) | mid (dim 256, 4 layers, 128x128, tiny VAE) "
+                             "| tiny | auto (full on an accelerator, mid on CPU, tiny with --quick)")
     device: str = opt("auto", "cpu, cuda, ... | auto (the current accelerator, else cpu)")
     dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (bf16 on an accelerator, fp32 on CPU)")
     chunks: int = opt(0, "chunks per timed session (0: 8, or 5 with --quick)")
     repeats: int = opt(0, "timed repeats per leg after the warm-up repeat (0: 5, or 2 with --quick)")
     long_chunks: int = opt(64, "chunks of the long session (per-chunk ms and RSS)")
-    compile: str = opt("both", "legs: both (eager and compiled) | off (eager only) | on (compiled only)")
-    backend: str = opt("auto", "torch.compile backend (auto: inductor, or aot_eager with --quick)")
+    legs: str = opt("both", "timed legs: both (eager and torch.compile'd) | eager | compiled")
+    compile_backend: str = opt("auto", "torch.compile backend of the compiled leg (auto: inductor, or aot_eager with "
+                                       "--quick)")
     efficiency: float = opt(0.55, "fraction of the H100's bf16 peak assumed for the projected FPS")
     diffusers: bool = opt(True, "time our DiT against diffusers' WanTransformer3DModel (needs diffusers)")
     diffusers_repeats: int = opt(0, "timed forward pairs of that comparison (0: 10, or 4 with --quick)")
@@ -85,6 +90,13 @@ def summary(xs):
 
 
 # ----------------------------------------------------------------------------- 1. FLOPs on the meta device
+
+
+def cast_like_wan(model, dtype):
+    """Cast a freshly built WanModel as from_pretrained does: the time path and the modulation tables stay fp32."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(param_dtype(name, p.data, dtype))
+    return model
 
 
 def count_flops_1p3b():
@@ -149,8 +161,8 @@ def count_flops_1p3b():
     ours = dict(linear_per_forward=linear / steps / tf, self_attn_per_frame=self_attn / steps / window / tf,
                 cross_per_forward=cross / steps / tf, per_forward=total / steps / tf, per_chunk=total / tf,
                 per_output_frame=total / out_frames / tf, vae_per_frame=vae_per_frame / tf)
-    rel = {k: ours[k] / REFERENCE_TF[k] - 1 for k in ours}
-    return dict(flops_per_chunk=total, tflops=ours, reference_tflops=REFERENCE_TF,
+    rel = {k: ours[k] / PUBLISHED_TF[k] - 1 for k in ours}
+    return dict(flops_per_chunk=total, tflops=ours, published_tflops=PUBLISHED_TF,
                 rel_err={k: round(v, 5) for k, v in rel.items()}, match_1pct=all(abs(v) <= 0.01 for v in rel.values()),
                 sdpa_counted_by=sdpa_source, tokens_per_chunk=Lq, keys=window * T)
 
@@ -166,8 +178,8 @@ def project_h100(fl, efficiency):
 # ----------------------------------------------------------------------------- 2-3. timed streaming sessions
 
 
-def build(size, device, dtype, seed):
-    cfg, vae_name, H, W = SIZES[size]
+def build(scale, device, dtype, seed):
+    cfg, vae_name, H, W = SCALES[scale]
     torch.manual_seed(seed)
     with torch.device(device):  # random weights: speed does not depend on their values
         model = cast_like_wan(WanModel(cfg), dtype).eval()
@@ -219,11 +231,11 @@ def unique_graphs():
 
 
 def run_legs(a, model, vae, ctx, H, W, device):
-    legs = {"eager": model}
-    if a.compile in ("both", "on"):
-        legs["compiled"] = torch.compile(model, fullgraph=True, backend=a.backend)
-        if a.compile == "on":
-            del legs["eager"]
+    legs = {}
+    if a.legs in ("both", "eager"):
+        legs["eager"] = model
+    if a.legs in ("both", "compiled"):
+        legs["compiled"] = torch.compile(model, fullgraph=True, backend=a.compile_backend)
     names = list(legs)
     res = {n: [] for n in names}
     graphs_after_warmup = None
@@ -331,13 +343,11 @@ def diffusers_ratio(a, device, dtype):
                 sync(device)
                 times[name].append((time.perf_counter() - t0) * 1e3)
     ratios = [o / r for o, r in zip(times["ours"], times["diffusers"])]
-    err = ((y_ours - y_ref).abs().max() / y_ref.abs().max()).item()
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    err = ((y_ours - y_ref).abs().max() / y_ref.abs().max()).item()  # for information: parity is tested elsewhere
     info = dict(config=f"dim {c.dim}, {c.num_layers} layers, {c.num_heads} heads x {c.head_dim}, ffn {c.ffn_dim}; "
                        f"x [1, 16, 3, {side}, {side}] ({3 * side * side // 4} tokens), context 512 rows",
                 ours_ms=summary(times["ours"]), diffusers_ms=summary(times["diffusers"]),
-                ratio_spread=[round(min(ratios), 3), round(max(ratios), 3)],
-                max_rel_err=err, outputs_agree=err <= tol, tolerance=tol)
+                ratio_spread=[round(min(ratios), 3), round(max(ratios), 3)], max_rel_err=err)
     return statistics.median(ratios), info
 
 
@@ -350,30 +360,30 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
-    if a.size == "auto":
-        a.size = "tiny" if a.quick else ("full" if device.type != "cpu" else "mid")
-    if a.size not in SIZES:
-        raise SystemExit(f"--size must be one of {sorted(SIZES)} or auto, got {a.size!r}")
-    if a.compile not in ("both", "off", "on"):
-        raise SystemExit(f"--compile takes both, off or on, got {a.compile!r}")
+    if a.scale == "auto":
+        a.scale = "tiny" if a.quick else ("full" if device.type != "cpu" else "mid")
+    if a.scale not in SCALES:
+        raise SystemExit(f"--scale must be one of {sorted(SCALES)} or auto, got {a.scale!r}")
+    if a.legs not in ("both", "eager", "compiled"):
+        raise SystemExit(f"--legs takes both, eager or compiled, got {a.legs!r}")
     a.chunks = a.chunks or (5 if a.quick else 8)
     a.repeats = a.repeats or (2 if a.quick else 5)
     a.diffusers_repeats = a.diffusers_repeats or (4 if a.quick else 10)
-    if a.backend == "auto":
-        a.backend = "aot_eager" if a.quick else "inductor"
+    if a.compile_backend == "auto":
+        a.compile_backend = "aot_eager" if a.quick else "inductor"
     if a.long_chunks < 20:
         raise SystemExit("--long_chunks must be >= 20 (the protocol uses 60+)")
     if a.chunks < 4:
         raise SystemExit("--chunks must be >= 4: the window fills at chunk 3, and only full-window chunks are timed")
-    cfg, vae_name, H, W = SIZES[a.size]
+    cfg, vae_name, H, W = SCALES[a.scale]
     log(f"bench.py: device {device}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"size '{a.size}': DiT dim {cfg.dim} x {cfg.num_layers} layers, VAE '{vae_name}', {W}x{H}; random weights")
+        f"scale '{a.scale}': DiT dim {cfg.dim} x {cfg.num_layers} layers, VAE '{vae_name}', {W}x{H}; random weights")
     if a.quick:
         log(f"quick mode: tiny sizes ({W}x{H}), {a.repeats} repeats of {a.chunks} chunks, compile backend "
-            f"'{a.backend}' (graph capture without code generation: its times say nothing about inductor's speed)")
-    result = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, size=a.size,
+            f"'{a.compile_backend}' (graph capture without code generation: its times say nothing about inductor's speed)")
+    result = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, scale=a.scale,
                   quick=a.quick, threads=torch.get_num_threads(),
-                  compile_backend=a.backend if a.compile != "off" else None)
+                  compile_backend=a.compile_backend if a.legs != "eager" else None)
 
     # 1. FLOPs
     t = time.perf_counter()
@@ -382,20 +392,20 @@ def main(argv=None):
     T = fl["tflops"]
     log(f"FLOPs, 1.3B DiT at 832x480, chunk of 3 latent frames ({fl['tokens_per_chunk']} tokens), 9-frame window "
         f"({fl['keys']} keys), meta device ({time.perf_counter() - t:.1f} s):")
-    for k in REFERENCE_TF:
-        log(f"  {k:20s} {T[k]:9.4f} TF   REFERENCE §9 {REFERENCE_TF[k]:8.3f} TF   {100 * fl['rel_err'][k]:+.2f}%")
+    for k in PUBLISHED_TF:
+        log(f"  {k:20s} {T[k]:9.4f} TF   published {PUBLISHED_TF[k]:8.3f} TF   {100 * fl['rel_err'][k]:+.2f}%")
     log(f"  attention counted by {fl['sdpa_counted_by']}; all within 1%: {fl['match_1pct']}")
     log(f"  H100 projection: ceiling {proj['ceiling_fps_end_to_end']:.1f} FPS end to end "
         f"({proj['ceiling_fps_dit']:.1f} "
         f"DiT alone) at {H100_BF16_TFLOPS:.0f} TF/s; at {a.efficiency:.0%} efficiency "
         f"{proj['projected_fps_end_to_end']:.1f} FPS end to end ({proj['projected_fps_dit']:.1f} DiT alone)")
     result.update(flops_per_chunk_1p3b=fl["flops_per_chunk"], flops_tflops=T, flops_rel_err=fl["rel_err"],
-                  flops_match_reference=fl["match_1pct"], flops_sdpa_counted_by=fl["sdpa_counted_by"],
+                  flops_match_published=fl["match_1pct"], flops_sdpa_counted_by=fl["sdpa_counted_by"],
                   h100_projection=proj)
 
     # 2. timed sessions, interleaved
     torch._dynamo.reset()
-    model, vae, ctx, H, W = build(a.size, device, dtype, a.seed)
+    model, vae, ctx, H, W = build(a.scale, device, dtype, a.seed)
     log(f"timed sessions: {a.repeats} repeats + 1 warm-up, {a.chunks} chunks each, legs interleaved")
     with torch.inference_mode():
         legs, stats, graphs_warm = run_legs(a, model, vae, ctx, H, W, device)
@@ -426,9 +436,9 @@ def main(argv=None):
         + (f"; device memory {mem[settle]:.0f} -> {mem[-1]:.0f} MB" if mem else ""))
     if recompiles is not None:
         log(f"recompiles after warm-up: {recompiles} (torch._dynamo counters['stats']['unique_graphs']: "
-            f"{graphs_warm} graphs after the warm-up session, backend {a.backend})")
+            f"{graphs_warm} graphs after the warm-up session, backend {a.compile_backend})")
     else:
-        log("recompiles: no compiled leg (--compile=off)")
+        log("recompiles: no compiled leg (--legs=eager)")
     result.update(chunk_ms=chunk_ms, rss_mb=rss, device_mem_mb=mem or None, long_leg=leg, window_full_from_chunk=full,
                   rss_growth_mb=round(growth, 1), chunk_ms_first10=first10, chunk_ms_last10=last10,
                   recompiles=recompiles, graphs_after_warmup=graphs_warm, peak_rss_mb=round(peak_rss_mb(), 1))
@@ -443,8 +453,7 @@ def main(argv=None):
     else:
         log(f"ours / diffusers WanTransformer3DModel, one forward ({info['config']}): median ratio {ratio:.3f} "
             f"(spread {info['ratio_spread']}; ours {info['ours_ms']['median']:.1f} ms, diffusers "
-            f"{info['diffusers_ms']['median']:.1f} ms); outputs agree: {info['outputs_agree']} "
-            f"(max error {info['max_rel_err']:.2g} of max |out|)")
+            f"{info['diffusers_ms']['median']:.1f} ms); max output difference {info['max_rel_err']:.2g} of max |out|")
     result.update(ratio_vs_diffusers=ratio, diffusers=info)
     print(json.dumps(result, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return result

@@ -1,9 +1,10 @@
 """
-Toy-world evaluation: stream long rollouts (120+ latent frames) from a student and score them with the world's own
-rules (data/toyworld.py). The toy model's latents are the 16x16 RGB pixels, so nothing is decoded.
+Toy-world evaluation: stream long rollouts (120+ frames) from a student and score them with the world's own rules
+(data/toyworld.py). The toy model's latents are the 16x16 RGB pixels, so nothing is decoded and a video frame is a
+latent frame.
 
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
-    python eval.py --ckpt out/toy/redmd --mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
+    python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
 
 Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
 - dynamics  mean |x_{t+1} - x_t| over pixels, channels and steps. 0: static video. World clips: ~0.05-0.15.
@@ -29,13 +30,13 @@ rollout, for plotting quality against length.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import configure, pick_device
+from config import configure, opt, pick_device, pick_dtype
 from data import toyworld
 from sink import MODES, SinkCache, rollout
 
@@ -296,32 +297,40 @@ def per_segment(video, caption, segment_frames=12):
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="data/toy/student.safetensors", metadata={"help": "student checkpoint (a folder, .safetensors "
-                      "or .pt that WanModel.from_pretrained reads), e.g. out/toy/redmd; default: the shipped toy student"})
-    key: str = field(default="", metadata={"help": "dict key of a training checkpoint (default: generator_ema, then generator)"})
-    text_encoder: str = field(default="data/toy", metadata={"help": "folder with tokenizer.json and text_encoder/ "
-                                                                     "(written by data/prepare_toy.py)"})
-    num_captions: int = field(default=16, metadata={"help": "captions to evaluate: toyworld.captions(num_captions, caption_seed)"})
-    caption_seed: int = field(default=1, metadata={"help": "world seed of the evaluation captions (data/toy/prompts.txt uses 0)"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "noise seeds; every caption is rolled out once "
-                                                                          "per seed (repeat the flag for several)"})
-    num_frames: int = field(default=120, metadata={"help": "latent frames per rollout (rounded up to whole chunks)"})
-    size: int = field(default=16, metadata={"help": "frame size in pixels (= latents)"})
-    batch_size: int = field(default=16, metadata={"help": "rollouts streamed together (the batch dim)"})
-    segment_frames: int = field(default=12, metadata={"help": "frames per segment for drift and the per-segment curves"})
-    chunk_frames: int = field(default=3, metadata={"help": "latent frames per chunk"})
-    window_frames: int = field(default=9, metadata={"help": "attention window in frames, sink and current chunk included"})
-    sink_frames: int = field(default=3, metadata={"help": "sink frames (the first chunk becomes the sink)"})
-    mode: str = field(default="ema", metadata={"help": f"cache mode: {' | '.join(MODES)} (paper Table 3)"})
-    alpha: float = field(default=0.999, metadata={"help": "EMA momentum of the sink (paper Eq. 4-5)"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, mps, ... | auto (the current accelerator, else cpu)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
-    out_png: str = field(default="", metadata={"help": "write a grid of frames of the first rollouts here (rows: "
-                                                        "videos, model above its world clip; columns: frames along the rollout)"})
-    png_videos: int = field(default=4, metadata={"help": "videos in --out_png"})
-    png_frames: int = field(default=20, metadata={"help": "frames per video in --out_png, evenly spaced"})
-    curve_png: str = field(default="", metadata={"help": "write dynamics (top) and fidelity (bottom) per segment "
-                                                          "against rollout length here (red: model, gray: world clips)"})
+    ckpt: str = opt("data/toy/student.safetensors", "student checkpoint (a folder, .safetensors or .pt that "
+                    "WanModel.from_pretrained reads), e.g. out/toy/redmd; default: the shipped toy student")
+    key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
+    text_encoder: str = opt("data/toy", "folder with tokenizer.json and text_encoder/ (written by data/prepare_toy.py)")
+    num_captions: int = opt(16, "captions to evaluate: toyworld.captions(num_captions, caption_seed)")
+    caption_seed: int = opt(1, "world seed of the evaluation captions (data/toy/prompts.txt uses 0)")
+    seeds: list[int] = opt(factory=lambda: [0], help="noise seeds; every caption is rolled out once per seed (repeat "
+                                                     "the flag for several)")
+    num_frames: int = opt(120, "video frames per rollout (the toy's latents are its frames: video frames = latent "
+                               "frames), rounded up to whole chunks")
+    height: int = opt(16, "frame height in pixels (= latent height for the toy); toy frames are square: = --width")
+    width: int = opt(16, "frame width in pixels (= latent width for the toy); toy frames are square: = --height")
+    batch_size: int = opt(16, "rollouts streamed together (the batch dim)")
+    segment_frames: int = opt(12, "video frames per segment for drift and the per-segment curves")
+    chunk_frames: int = opt(3, "latent frames per chunk")
+    window_frames: int = opt(9, "attention window in latent frames, sink and current chunk included")
+    sink_frames: int = opt(3, "sink frames (the first chunk becomes the sink)")
+    sink_mode: str = opt("ema", f"cache mode: {' | '.join(MODES)} (paper Table 3)")
+    alpha: float = opt(0.999, "EMA momentum of the sink (paper Eq. 4-5)")
+    device: str = opt("auto", "cpu, cuda, mps, ... | auto (the current accelerator, else cpu)")
+    dtype: str = opt("float32", "float32 | bfloat16 | float16")
+    out_png: str = opt("", "write a grid of frames of the first rollouts here (rows: videos, model above its world "
+                           "clip; columns: frames along the rollout)")
+    png_videos: int = opt(4, "videos in --out_png")
+    png_frames: int = opt(20, "frames per video in --out_png, evenly spaced")
+    curve_png: str = opt("", "write dynamics (top) and fidelity (bottom) per segment against rollout length here "
+                             "(red: model, gray: world clips)")
+
+
+def frame_size(cfg):
+    """The side of the toy world's square frames, in pixels (= latents): --height, which must equal --width."""
+    if cfg.height != cfg.width:
+        raise SystemExit(f"toy frames are square: --height {cfg.height} and --width {cfg.width} must be equal")
+    return cfg.height
 
 
 @torch.inference_mode()
@@ -330,12 +339,10 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0):
     clamped to [-1, 1]. The noise comes from one generator seeded with (seed, batch_index)."""
     device = next(model.parameters()).device
     dtype = model.blocks[0].self_attn.k.weight.dtype
-    C = cfg.chunk_frames
+    S, C = frame_size(cfg), cfg.chunk_frames
     num_chunks = math.ceil(cfg.num_frames / C)
     context = text_encoder(prompts).to(device=device, dtype=dtype)  # [B, text_len, text_dim]
-    cache = SinkCache(model, len(prompts), cfg.size, cfg.size, chunk_frames=C, window_frames=cfg.window_frames,
-                      sink_frames=cfg.sink_frames, mode=cfg.mode, alpha=cfg.alpha,
-                      max_frames=num_chunks * C if cfg.mode == "full" else None)
+    cache = SinkCache.from_settings(model, cfg, len(prompts), S, S, num_frames=num_chunks * C)
     cache.set_prompt(model, context)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
     chunks = [x0.float().cpu() for x0 in rollout(model, cache, num_chunks, generator=gen)]  # [B, 3, C, S, S] each
@@ -345,9 +352,9 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0):
 def world_videos(cfg):
     """The world's own clips of the evaluation captions, and the same clips frozen on their first frame:
     two tensors [N, 3, T, S, S]."""
-    T = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
-    specs = [toyworld.sample_spec(i, cfg.caption_seed, cfg.size) for i in range(cfg.num_captions)]
-    world = torch.stack([toyworld.render(s, T, cfg.size) for s in specs])
+    S, T = frame_size(cfg), math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
+    specs = [toyworld.sample_spec(i, cfg.caption_seed, S) for i in range(cfg.num_captions)]
+    world = torch.stack([toyworld.render(s, T, S) for s in specs])
     return world, world[:, :, :1].expand_as(world).clone()
 
 
@@ -460,16 +467,18 @@ def no_nan(x):
 def main(argv=None):
     import imageio.v2 as imageio
 
-    from model import CheckpointError, WanModel
+    from model import WanModel
     from t5 import TextEncoder
+    from weights import CheckpointError
 
     cfg = configure(EvalConfig(), argv, doc=__doc__)
     if not cfg.ckpt:
         raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
-    if cfg.mode not in MODES:
-        raise SystemExit(f"--mode takes one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.sink_mode not in MODES:
+        raise SystemExit(f"--sink_mode takes one of {', '.join(MODES)}, got {cfg.sink_mode!r}")
+    frame_size(cfg)
     device = pick_device(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = pick_dtype(cfg.dtype, device)
     here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
     cfg.ckpt, cfg.text_encoder = (p if os.path.exists(p) else os.path.join(here, p) for p in (cfg.ckpt, cfg.text_encoder))
     try:

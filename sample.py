@@ -2,7 +2,7 @@
 Streaming text-to-video with the Reward Forcing student: prompts -> umT5 -> EMA-Sink streaming DiT, chunk by chunk
 -> streaming VAE decode -> mp4, written while the next chunk is generated. Memory does not grow with the video length.
 
-    python sample.py                                              # embedded default: tiny RANDOM model, a few seconds
+    python sample.py                                              # the shipped toy student: a toy video in seconds
     python sample.py --ckpt rewardforcing.pt --wan Wan2.1-T2V-1.3B --prompt "A cat surfs a wave" --num_frames 240
     python sample.py --ckpt rewardforcing.pt --wan Wan2.1-T2V-1.3B \\
         --prompt "0:An empty glass on a rustic wooden table" --prompt "5:Dark coffee streams into the empty glass"
@@ -13,7 +13,9 @@ A prompt "SECONDS:text" starts at that time (paper Fig. 7): it takes effect at t
 it (chunk k starts at pixel frame 1 + 4(3k - 1), i.e. 0, 9, 21, 33, ... at 16 fps). A switch replaces the
 cross-attention K/V; --recache=true also re-encodes the window's frames under the new prompt (LongLive's recache).
 Weights: --ckpt is the student (rewardforcing.pt from JaydenLu666/Reward-Forcing-T2V-1.3B, or its safetensors made by
-`python model.py convert`), --wan the Wan2.1-T2V-1.3B folder (text encoder, tokenizer, VAE); see README 'Weights'.
+`python weights.py convert dit`), --wan the Wan2.1-T2V-1.3B folder (text encoder, tokenizer, VAE); see README 'Weights'.
+With neither, the default is the toy student shipped in data/toy/ (student.safetensors, trained on CPU by the recipe
+in README 'Toy world'): 16x16 frames of the toy world, shown 8x larger.
 Booleans take a value: --compile=true, --recache=true, --interactive=true.
 """
 
@@ -26,18 +28,19 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
 
 import torch
 
-from config import configure, pick_device, pick_dtype
-from model import PRESETS, CheckpointError, WanModel, param_dtype
+from config import configure, opt, pick_device, pick_dtype
+from model import WanModel
 from sink import MODES, SinkCache, rollout
+from weights import CheckpointError
 
 STUDENT_WHERE = ("rewardforcing.pt from https://huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B "
-                 "(optionally `python model.py convert rewardforcing.pt rewardforcing.safetensors --dtype bfloat16`)")
+                 "(optionally `python weights.py convert dit rewardforcing.pt rewardforcing.safetensors --dtype=bfloat16`)")
 WAN_WHERE = ("the Wan2.1-T2V-1.3B folder from https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B "
              "(or https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
 # the paper's interactive example (Fig. 7)
@@ -48,47 +51,42 @@ TOY_SCHEDULE = ["0:a red circle moves right fast on a gray background",
                 "4:a blue triangle moves down slowly on a white background and the camera pans left"]
 
 
-def opt(default, help, factory=None):
-    """A config field with its --help text."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SampleConfig:
-    prompt: list[str] = opt(None, "a prompt, or 'SECONDS:prompt' to start it at that time; repeat for a schedule of "
-                                  "prompt switches (default: a toy pair for the embedded toy student; with --ckpt the paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)",
-                            factory=list)
+    prompt: list[str] = opt(factory=list, help="a prompt, or 'SECONDS:prompt' to start it at that time; repeat for a "
+                            "schedule of prompt switches (default: a toy pair for the toy student; with --ckpt the "
+                            "paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)")
     prompts: str = opt("", "a text file, one prompt per line: one video each, OUT_000.mp4, OUT_001.mp4, ... "
                            "(blank and # lines skipped)")
-    num_frames: int = opt(160, "pixel frames per video at --fps; the last chunk is cut to fit")
+    num_frames: int = opt(160, "video frames per video, at --fps (Wan's VAE: 81 video frames = 21 latent frames; the "
+                               "toy student: video frames = latent frames); the last chunk is cut to fit")
     out: str = opt("out.mp4", "output mp4 path")
     ckpt: str = opt("", "student checkpoint: rewardforcing.pt, its .safetensors, or any layout model.py loads "
-                        "(no --ckpt and no --wan: the embedded tiny random model)")
+                        "(no --ckpt and no --wan: the toy student, data/toy/student.safetensors)")
     key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
     wan: str = opt("", "Wan2.1-T2V-1.3B folder (original or Diffusers layout): umT5 encoder, tokenizer.json, VAE")
-    height: int = opt(0, "pixel height, a multiple of 16 (0: 480, or 64 for the tiny model)")
-    width: int = opt(0, "pixel width, a multiple of 16 (0: 832, or 64 for the tiny model)")
+    height: int = opt(0, "video height in pixels, a multiple of 16 (0: 480; the toy student: a multiple of 4, 0: 16)")
+    width: int = opt(0, "video width in pixels, a multiple of 16 (0: 832; the toy student: a multiple of 4, 0: 16)")
+    upscale: int = opt(0, "enlarge every frame this many times in the mp4, nearest neighbour, for viewing "
+                          "(0: 8 for the toy student's 16x16 frames, else 1)")
     fps: int = opt(16, "frame rate of the mp4 and of the prompt start times (Wan: 16)")
     seed: int = opt(0, "seed of the noise (the same for every video of --prompts)")
     dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (bf16 on an accelerator, fp32 on CPU)")
     device: str = opt("auto", "cpu, cuda, cuda:1, mps, ... | auto (the current accelerator, else cpu)")
     compile: bool = opt(False, "torch.compile the DiT (fullgraph; one graph per window fill level, then none)")
-    backend: str = opt("inductor", "torch.compile backend (aot_eager checks the graphs without code generation)")
+    compile_backend: str = opt("inductor", "torch.compile backend (aot_eager checks the graphs without code "
+                                           "generation)")
     chunk_frames: int = opt(3, "latent frames per chunk (the student was trained with 3)")
     window_frames: int = opt(9, "attention window in latent frames, sink and current chunk included")
     sink_frames: int = opt(3, "sink frames (the first chunk becomes the sink)")
     alpha: float = opt(0.999, "EMA momentum of the sink (paper Eq. 4-5)")
-    mode: str = opt("ema", f"cache mode: {' | '.join(MODES)} (paper Table 3)")
+    sink_mode: str = opt("ema", f"cache mode: {' | '.join(MODES)} (paper Table 3)")
     recache: bool = opt(False, "on a prompt switch also re-encode the window's frames under the new prompt")
     interactive: bool = opt(False, "read new prompts from stdin while streaming; each line takes effect at the "
                                    "next chunk")
     warmup_chunks: int = opt(-1, "chunks left out of the FPS numbers (-1: until the window is full, when every "
                                  "compiled graph exists)")
     quality: int = opt(8, "mp4 quality 0-10 (imageio-ffmpeg, libx264)")
-    random_tiny: bool = opt(False, "with no --ckpt / --wan: a tiny model with RANDOM weights and a tiny Wan VAE "
-                                   "instead of the toy student (exercises the real pipeline's shapes; tests)")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -121,13 +119,6 @@ def peak_memory(device):
         return f"peak device memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB allocated, "\
                f"peak process RSS {peak_rss_mb():.0f} MB"
     return f"peak process RSS {peak_rss_mb():.0f} MB"
-
-
-def cast_like_wan(model, dtype):
-    """Cast a freshly built WanModel as from_pretrained does: the time path and the modulation tables stay fp32."""
-    for name, p in model.named_parameters():
-        p.data = p.data.to(param_dtype(name, p.data, dtype))
-    return model
 
 
 def pixel_frames(latent_frames, temporal_stride=4):
@@ -219,60 +210,26 @@ class Mp4Stream:
             raise RuntimeError(f"writing the mp4 failed: {self.error}") from self.error
 
 
-def to_uint8(frames):
-    """[1, 3, f, H, W] in [-1, 1] -> numpy uint8 [f, H, W, 3]. The .cpu() waits for the chunk: the pixels must reach
-    the host to be written (the one per-chunk sync of the stream)."""
+def to_uint8(frames, upscale=1):
+    """[1, 3, f, H, W] in [-1, 1] -> numpy uint8 [f, H * upscale, W * upscale, 3] (nearest neighbour). The .cpu()
+    waits for the chunk: the pixels must reach the host to be written (the one per-chunk sync of the stream)."""
     x = ((frames[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    x = x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return x.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else x
 
 
 # ----------------------------------------------------------------------------- weights
 
 
-TINY_WORDS = (
-    "a an the of on in into with and at to from by is are its over under near through while as it this that "
-    "empty glass rustic wooden table dark coffee streams pours cup mug water milk tea wine light shadow sun sunset "
-    "cat dog bird fish horse man woman child people person hand face eyes hair walks runs jumps flies swims sits "
-    "stands dances smiles looks turns falls rises opens closes red blue green yellow white black orange purple "
-    "golden silver small big old young slow fast bright calm quiet city street road car train boat sea ocean wave "
-    "beach river lake mountain forest tree flower grass sky cloud rain snow fire smoke night day morning evening "
-    "room window door house kitchen garden camera close-up view shot slowly quickly gently surfing wave cinematic"
-).split()
-
-
-def tiny_tokenizer(text_len):
-    """A word-level tokenizer over TINY_WORDS (<pad> 0, </s> 1, <unk> 2, lower-cased input) for the tiny T5."""
-    from t5 import Tokenizer
-
-    return Tokenizer.from_words(TINY_WORDS, text_len=text_len, lowercase=True)
-
-
-def load_tiny(device, dtype):
-    """The embedded default: a tiny DiT, umT5 and VAE with RANDOM weights (seed 0), for exercising the pipeline."""
-    from t5 import T5_PRESETS, T5Config, T5Encoder, TextEncoder
-    from vae import VAE_PRESETS, WanVAE
-
-    torch.manual_seed(0)
-    model = cast_like_wan(WanModel(PRESETS["tiny"]).to(device), dtype).eval()
-    t5cfg = T5Config(**{**vars(T5_PRESETS["tiny"]), "dim": model.cfg.text_dim, "text_len": model.cfg.text_len})
-    tok = tiny_tokenizer(model.cfg.text_len)
-    assert tok.tok.get_vocab_size() <= t5cfg.vocab, "tiny vocabulary larger than the tiny T5's embedding"
-    te = TextEncoder(tok, T5Encoder(t5cfg)).to(device=device, dtype=dtype).eval()
-    vae = WanVAE(VAE_PRESETS["tiny"]).to(device=device, dtype=dtype).eval()
-    return model, te, vae
-
-
 class PixelFrames(torch.nn.Module):
-    """The toy world's "VAE": its latents are RGB frames already (temporal stride 1), so decoding only enlarges
-    them, nearest neighbour, `scale` times for viewing."""
+    """The toy world's "VAE": its latents are its RGB frames already (temporal and spatial stride 1)."""
 
-    def __init__(self, scale=8):
+    def __init__(self):
         super().__init__()
-        self.cfg = SimpleNamespace(temporal_stride=1, spatial_stride=scale, z_dim=3)
+        self.cfg = SimpleNamespace(temporal_stride=1, spatial_stride=1, z_dim=3)
 
     def stream_decoder(self):
-        s = self.cfg.spatial_stride
-        return lambda z: torch.nn.functional.interpolate(z.float().clamp(-1, 1), scale_factor=(1, s, s), mode="nearest")
+        return lambda z: z.float().clamp(-1, 1)
 
 
 def load_toy(device, dtype):
@@ -281,7 +238,7 @@ def load_toy(device, dtype):
 
     model = WanModel.from_pretrained(TOY_STUDENT, dtype=dtype, device=device)
     te = TextEncoder.from_pretrained(TOY_DIR, dtype=dtype, device=device, text_len=model.cfg.text_len)
-    return model, te, PixelFrames(8)
+    return model, te, PixelFrames()
 
 
 WAN_FILES = [  # (what, accepted paths inside the Wan folder: original layout first, then Diffusers)
@@ -376,10 +333,10 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
         raise SystemExit(f"height and width must be positive multiples of {ss * ph}, got {H}x{W}")
     if cfg.num_frames < 1:
         raise SystemExit(f"--num_frames must be >= 1, got {cfg.num_frames}")
-    if cfg.mode not in MODES:
-        raise SystemExit(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.sink_mode not in MODES:
+        raise SystemExit(f"--sink_mode must be one of {MODES}, got {cfg.sink_mode!r}")
     num_chunks = chunks_for(cfg.num_frames, C, ts)
-    warmup = cfg.warmup_chunks if cfg.warmup_chunks >= 0 else (1 if cfg.mode == "full" else -(-cfg.window_frames // C))
+    warmup = cfg.warmup_chunks if cfg.warmup_chunks >= 0 else (1 if cfg.sink_mode == "full" else -(-cfg.window_frames // C))
 
     # a prompt starting at time s replaces the cross-attention K/V before the first chunk starting at or after s
     switches = {}
@@ -404,9 +361,7 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
     t_measure = None
     interrupted = False
     with torch.inference_mode():
-        cache = SinkCache(model, 1, H // ss, W // ss, chunk_frames=C, window_frames=cfg.window_frames,
-                          sink_frames=cfg.sink_frames, mode=cfg.mode, alpha=cfg.alpha,
-                          max_frames=num_chunks * C if cfg.mode == "full" else None)
+        cache = SinkCache.from_settings(model, cfg, 1, H // ss, W // ss, num_frames=num_chunks * C)
         cache.set_prompt(dit, switches[0][1])
         chunks = rollout(dit, cache, num_chunks, generator=generator)
         dec = vae.stream_decoder()
@@ -432,7 +387,7 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                 frames = dec(x0.to(next(vae.parameters(), p).dtype))
                 sync(device)  # measurement: VAE time alone
                 t2 = time.perf_counter()
-                pixels = to_uint8(frames)
+                pixels = to_uint8(frames, cfg.upscale)
                 n = pixels.shape[0]
                 keep = min(n, cfg.num_frames - stats["frames"])
                 writer.put(pixels[:keep])
@@ -463,7 +418,8 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
 def report(stats, cfg, out, device, log=print):
     fr = stats["measured_frames"]
     secs = stats["frames"] / cfg.fps
-    log(f"wrote {out}: {stats['written']} frames ({secs:.2f} s at {cfg.fps} fps), {cfg.width}x{cfg.height}, "
+    shown = f" shown {cfg.upscale}x larger" if cfg.upscale > 1 else ""
+    log(f"wrote {out}: {stats['written']} frames ({secs:.2f} s at {cfg.fps} fps), {cfg.width}x{cfg.height}{shown}, "
         f"{stats['chunks']} chunks")
     if fr:
         excl = (f"{stats['warmup']} warm-up chunk{'s' * (stats['warmup'] > 1)} excluded" if stats["warmup"] else
@@ -486,36 +442,32 @@ def main(argv=None):
     cfg = configure(SampleConfig(), argv, doc=__doc__)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.upscale < 0:
+        raise SystemExit(f"--upscale must be >= 0 (0: automatic), got {cfg.upscale}")
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
 
     schedule_default = DEFAULT_SCHEDULE
-    if not cfg.ckpt and not cfg.wan and TOY_STUDENT.exists() and not cfg.random_tiny:
+    if not cfg.ckpt and not cfg.wan:
+        if not TOY_STUDENT.exists():
+            raise SystemExit(f"no --ckpt / --wan given and no toy student at {TOY_STUDENT}: train one (README 'Toy "
+                             "world'), or pass --ckpt rewardforcing.pt and --wan Wan2.1-T2V-1.3B/ (README 'Weights')")
         print(f"sample.py: no --ckpt / --wan given, so this streams the embedded default: the toy student "
               f"({TOY_STUDENT.relative_to(TOY_DIR.parent.parent)}, trained on CPU by the recipe in README 'Toy world') "
               "on the toy world's captions, 16x16 frames shown 8x larger. For real videos pass --ckpt rewardforcing.pt "
               "and --wan Wan2.1-T2V-1.3B/ (README 'Weights').")
         model, te, vae = load_toy(device, dtype)
-        cfg.height, cfg.width = cfg.height or 128, cfg.width or 128
+        cfg.height, cfg.width, cfg.upscale = cfg.height or 16, cfg.width or 16, cfg.upscale or 8
         schedule_default = TOY_SCHEDULE
-    elif not cfg.ckpt and not cfg.wan:
-        print("sample.py: no --ckpt / --wan given, so this runs the embedded default: a tiny model with RANDOM weights "
-              "(DiT 2 layers of width 64, umT5 2 layers of width 32 with a small word-level tokenizer, VAE of base "
-              "width 8) that runs the whole pipeline: prompts -> text encoder -> EMA-Sink streaming DiT -> streaming "
-              "VAE decode -> mp4. Its video is noise, not a picture. For real videos pass --ckpt rewardforcing.pt "
-              "(huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B) and --wan Wan2.1-T2V-1.3B/ "
-              "(huggingface.co/Wan-AI/Wan2.1-T2V-1.3B); see README 'Weights'.")
-        model, te, vae = load_tiny(device, dtype)
-        cfg.height, cfg.width = cfg.height or 64, cfg.width or 64
     else:
         t0 = time.perf_counter()
         model, te, vae = load_real(cfg, device, dtype)
-        cfg.height, cfg.width = cfg.height or 480, cfg.width or 832
+        cfg.height, cfg.width, cfg.upscale = cfg.height or 480, cfg.width or 832, cfg.upscale or 1
         print(f"loaded the student, umT5 and the VAE in {time.perf_counter() - t0:.1f} s ({dtype}, {device})")
 
     dit = model
     if cfg.compile:
-        dit = torch.compile(model, fullgraph=True, backend=cfg.backend)
+        dit = torch.compile(model, fullgraph=True, backend=cfg.compile_backend)
 
     if cfg.prompts:
         try:

@@ -126,7 +126,8 @@ class SinkCache:
         self.q_fpos.copy_(torch.where(g < S, g, S + g - oldest))
 
     def _fold(self, src_slot, dst):
-        """EMA of one evicted frame (ring slot src_slot) into sink frame dst, every layer at once."""
+        """EMA of one evicted frame (ring slot src_slot) into sink frame dst, every layer at once (paper Eq. 4-5:
+        S_K <- a S_K + (1 - a) K_evicted, and S_V alike)."""
         T, a = self.T, self.alpha
         src = slice(src_slot * T, (src_slot + 1) * T)
         dst_rows = slice(dst * T, (dst + 1) * T)
@@ -149,7 +150,8 @@ class SinkCache:
 
     def update(self, layer, k, v):
         """Write the current chunk's un-roped K/V (B, C*T, H, Dh) into its rows of this layer and return
-        the keys and values attention reads: (B, n_frames*T, H, Dh), [sink | window], chunk included.
+        the keys and values attention reads: (B, n_frames*T, H, Dh), [sink | window], chunk included (paper
+        Eq. 6-7: K_global = [S_K; K_window], V alike).
         With grad (training's exit step) the buffer gets a detached copy and the returned tensors are
         out-of-place, so the gradient reaches k and v while the cached context stays detached."""
         n = self.n_frames * self.T

@@ -14,8 +14,9 @@ import torch
 
 import eval as E
 from data import toyworld as tw
-from model import WanConfig, WanModel, save_safetensors
-from t5 import T5Config, T5Encoder, TextEncoder, Tokenizer
+from model import WanConfig, WanModel
+from t5 import tiny_text_encoder
+from weights import save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = tw.Spec(color="red", shape="circle", background="gray", direction="right", speed="slowly", x=5, y=5)
@@ -39,11 +40,7 @@ def tiny_student_and_encoder():
     torch.manual_seed(0)
     cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, freq_dim=16, text_dim=32, text_len=24,
                     in_dim=3, out_dim=3)  # text_len 24 (the toy preset's): the longest caption is 18 words + EOS
-    model = WanModel(cfg).eval()
-    tok = Tokenizer.from_words(tw.WORDS, text_len=cfg.text_len)
-    enc = T5Encoder(T5Config(vocab=len(tw.WORDS) + 3, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2,
-                             text_len=cfg.text_len))
-    return model, TextEncoder(tok, enc).eval()
+    return WanModel(cfg).eval(), tiny_text_encoder(tw.WORDS, cfg.text_dim, cfg.text_len)
 
 
 # ----------------------------------------------------------------------------- the world
@@ -204,7 +201,7 @@ def test_cli_writes_table_pictures_and_json(tmp_path, capsys):
         num_layers=c.num_layers, relative_attention_num_buckets=c.num_buckets,
         relative_attention_max_distance=c.max_distance, layer_norm_epsilon=c.eps)))
     E.main([f"--ckpt={tmp_path / 'student.safetensors'}", f"--text_encoder={tmp_path / 'toy'}", "--num_captions=2",
-            "--num_frames=12", "--segment_frames=6", "--seeds=0", "--seeds=1", "--mode=static",
+            "--num_frames=12", "--segment_frames=6", "--seeds=0", "--seeds=1", "--sink_mode=static",
             f"--out_png={tmp_path / 'grid.png'}", f"--curve_png={tmp_path / 'curve.png'}"])
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
@@ -213,3 +210,13 @@ def test_cli_writes_table_pictures_and_json(tmp_path, capsys):
     import imageio.v2 as imageio
 
     assert imageio.imread(tmp_path / "grid.png").shape[2] == 3 and imageio.imread(tmp_path / "curve.png").ndim == 3
+    assert last["config"]["sink_mode"] == "static" and last["config"]["height"] == last["config"]["width"] == 16
+
+
+def test_frames_are_square_pixels():
+    """--height / --width are pixels (= the toy's latents); toy frames are square, and a mismatch is one-line error."""
+    model, te = tiny_student_and_encoder()
+    result = E.evaluate(model, te, small_cfg(height=24, width=24), log=lambda *a: None)
+    assert result["videos"].shape == (2, 3, 12, 24, 24)
+    with pytest.raises(SystemExit, match="--height 16 and --width 8 must be equal"):
+        E.main(["--height=16", "--width=8"])

@@ -1,5 +1,8 @@
-"""The README's two commands: CI runs exactly the test command, and the main job runs with no arguments."""
+"""The README's two commands: CI runs exactly the test command, and the main job runs with no arguments; and a
+setting's name means one thing, in one unit, in every script."""
 
+import dataclasses
+import importlib
 import os
 import re
 import subprocess
@@ -42,3 +45,25 @@ def test_sample_runs_with_no_arguments(tmp_path):
     f = frames[80].astype(float)
     block = f.reshape(16, 8, 16, 8, 3)
     assert (block - block.mean(axis=(1, 3), keepdims=True)).__abs__().mean() < 12
+
+
+SCRIPTS = {"train": "TrainConfig", "sample": "SampleConfig", "eval": "EvalConfig", "bench": "BenchConfig"}
+RETIRED = {"mode": "sink_mode", "backend": "compile_backend", "size": "scale (bench.py) or height and width"}
+
+
+def test_a_setting_means_one_thing_in_every_script():
+    """A name shared by scripts has one type; frame counts are video frames and heights / widths pixels, and their
+    help says so; --compile is a bool; the retired names are gone; every setting has help text."""
+    seen = {}
+    for module, cls in SCRIPTS.items():
+        for f in dataclasses.fields(getattr(importlib.import_module(module), cls)):
+            assert f.metadata.get("help"), f"{module}.py --{f.name}: no help text"
+            assert f.name not in RETIRED, f"{module}.py --{f.name} is now --{RETIRED[f.name]}"
+            seen.setdefault(f.name, []).append((module, f))
+    for name, uses in seen.items():
+        assert len({str(f.type) for _, f in uses}) == 1, f"--{name} has different types: {uses}"
+    assert all(f.type is bool for _, f in seen.get("compile", []))
+    for name, unit in (("num_frames", "video frames"), ("height", "pixels"), ("width", "pixels")):
+        assert {m for m, _ in seen[name]} == {"train", "sample", "eval"}
+        for module, f in seen[name]:
+            assert unit in f.metadata["help"], f"{module}.py --{name}: the help does not say {unit!r}"

@@ -288,7 +288,7 @@ def test_bad_checkpoints_give_clear_errors(official, tmp_path):
 
 
 def test_preprocessing_numbers_for_81_frames_480x832():
-    """REFERENCE §8: 2 fps sampling and 480x832 -> 336x588. 81 frames at 16 fps last 5.06 s: 81 / 16 * 2 = 10.125
+    """VideoAlign's preprocessing (qwen-vl-utils): 2 fps sampling and 480x832 -> 336x588. 81 frames at 16 fps last 5.06 s: 81 / 16 * 2 = 10.125
     frames, rounded to a multiple of the temporal patch (2) -> 10 frames, evenly spaced over 0..80."""
     assert sample_frame_indices(81, 16).tolist() == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
     assert smart_resize(480, 832) == (336, 588)

@@ -1,5 +1,6 @@
 """sample.py: playable mp4s with the right frame count, prompt switches at the scheduled chunk, --prompts files,
-interactive prompts, the real-weights loading path (on tiny files), and errors naming missing weights."""
+interactive prompts, the real-weights loading path (--ckpt / --wan on tiny random files, tests/tiny.py), and errors
+naming missing weights."""
 
 import io
 import queue
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import sample
-from model import save_safetensors
+import tiny
 
 CPU = torch.device("cpu")
-SMALL = ["--height", "32", "--width", "32", "--random_tiny"]  # the random tiny pipeline, not the toy student
+SMALL = ["--height", "32", "--width", "32"]
 
 
 def read_frames(path):
@@ -33,18 +34,30 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return sample.load_tiny(CPU, torch.float32)
+def files(tmp_path_factory):
+    """A tiny random student and Wan folder on disk, and the same models in memory."""
+    return tiny.write_files(tmp_path_factory.mktemp("tiny"))
 
 
-def test_short_run_writes_playable_mp4(tmp_path):
+@pytest.fixture(scope="module")
+def models(files):
+    return files[2]
+
+
+@pytest.fixture(scope="module")
+def wan_args(files):
+    """sample.py's real path on the tiny files: --ckpt STUDENT --wan FOLDER, 32x32 pixels."""
+    return ["--ckpt", str(files[0]), "--wan", str(files[1]), *SMALL]
+
+
+def test_short_run_writes_playable_mp4(tmp_path, wan_args):
     out = tmp_path / "a.mp4"
-    sample.main(["--prompt", "a cat walks on the beach", "--num_frames", "21", "--out", str(out), *SMALL])
+    sample.main(["--prompt", "a cat walks on the beach", "--num_frames", "21", "--out", str(out), *wan_args])
     frames = read_frames(out)
     assert len(frames) == 1 + 4 * (6 - 1)  # 2 chunks = 6 latent frames
     assert frames[0].shape == (32, 32, 3) and frames[0].dtype.name == "uint8"
     # a length between chunk boundaries: 2 chunks are generated, the mp4 is cut to the frames asked for
-    sample.main(["--prompt", "a cat", "--num_frames", "15", "--out", str(tmp_path / "b.mp4"), *SMALL])
+    sample.main(["--prompt", "a cat", "--num_frames", "15", "--out", str(tmp_path / "b.mp4"), *wan_args])
     assert len(read_frames(tmp_path / "b.mp4")) == 15
 
 
@@ -60,8 +73,9 @@ def test_time_to_chunk_mapping():
         sample.parse_schedule(["3:late"])
 
 
-def run(tiny, prompts, recache=False, new_prompts=None, on_chunk=None, num_frames=45):
-    model, te, vae = tiny
+def run(models, prompts, recache=False, new_prompts=None, on_chunk=None, num_frames=45, out=None):
+    """stream_video on the in-memory tiny models: (stats, [(cross-attention K, x0) per chunk])."""
+    model, te, vae = models
     cfg = sample.configure(sample.SampleConfig(), ["--num_frames", str(num_frames), "--recache", str(recache), *SMALL])
     sched = sample.encode_schedule(te, sample.parse_schedule(prompts), CPU, torch.float32)
     seen = []
@@ -72,38 +86,38 @@ def run(tiny, prompts, recache=False, new_prompts=None, on_chunk=None, num_frame
             on_chunk(k)
 
     with tempfile.TemporaryDirectory() as tmp:
-        stats = sample.stream_video(cfg, model, vae, sched, f"{tmp}/v.mp4", te=te, new_prompts=new_prompts,
+        stats = sample.stream_video(cfg, model, vae, sched, out or f"{tmp}/v.mp4", te=te, new_prompts=new_prompts,
                                     on_chunk=record, log=lambda *a: None)
     return stats, seen
 
 
-def test_prompt_switch_changes_cross_attention_cache(tiny):
-    model, te, _ = tiny
+def test_prompt_switch_changes_cross_attention_cache(models):
+    model, te, _ = models
     a, b = "an empty glass on a rustic wooden table", "dark coffee streams into the empty glass"
     with torch.no_grad():
         k_a = model.cross_kv(te([a]))[0]
         k_b = model.cross_kv(te([b]))[0]
     assert not torch.equal(k_a, k_b)
     # 1 s at 16 fps = frame 16 -> chunk 2 (frames 21..32); 45 frames = 4 chunks
-    stats, seen = run(tiny, [f"0:{a}", f"1:{b}"])
+    stats, seen = run(models, [f"0:{a}", f"1:{b}"])
     assert stats["switches"] == [(2, b)] and len(seen) == 4
     for k, (ctx_k, _) in enumerate(seen):
         assert torch.equal(ctx_k, k_a if k < 2 else k_b), f"chunk {k} has the wrong prompt's K"
     # same seed without a switch: identical chunks before the switch, different ones from it on
-    _, plain = run(tiny, [a])
+    _, plain = run(models, [a])
     assert all(torch.equal(seen[k][1], plain[k][1]) for k in (0, 1))
     assert not torch.allclose(seen[2][1], plain[2][1])
     # --recache also re-encodes the window under the new prompt: the switched chunk changes again
-    stats_r, rec = run(tiny, [f"0:{a}", f"1:{b}"], recache=True)
+    stats_r, rec = run(models, [f"0:{a}", f"1:{b}"], recache=True)
     assert stats_r["switches"] == [(2, b)] and torch.equal(rec[2][0], k_b)
     assert torch.equal(rec[1][1], seen[1][1]) and not torch.allclose(rec[2][1], seen[2][1])
 
 
-def test_interactive_prompt_takes_effect_at_next_chunk(tiny, monkeypatch):
-    model, te, _ = tiny
+def test_interactive_prompt_takes_effect_at_next_chunk(models, monkeypatch):
+    model, te, _ = models
     q = queue.Queue()
     new = "a red bird flies over the sea"
-    stats, seen = run(tiny, ["a cat"], new_prompts=q, on_chunk=lambda k: q.put(new) if k == 1 else None)
+    stats, seen = run(models, ["a cat"], new_prompts=q, on_chunk=lambda k: q.put(new) if k == 1 else None)
     assert stats["switches"] == [(2, new)]
     with torch.no_grad():
         assert torch.equal(seen[2][0], model.cross_kv(te([new]))[0])
@@ -114,42 +128,26 @@ def test_interactive_prompt_takes_effect_at_next_chunk(tiny, monkeypatch):
     assert [lines.get(timeout=5), lines.get(timeout=5)] == ["first prompt", "second"]
 
 
-def test_prompts_file_one_video_per_line(tmp_path):
+def test_prompts_file_one_video_per_line(tmp_path, wan_args):
     f = tmp_path / "prompts.txt"
     f.write_text("a cat walks\n\n# a comment\na dog runs on the beach\n")
-    sample.main(["--prompts", str(f), "--num_frames", "9", "--out", str(tmp_path / "v.mp4"), *SMALL])
+    sample.main(["--prompts", str(f), "--num_frames", "9", "--out", str(tmp_path / "v.mp4"), *wan_args])
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["v_000.mp4", "v_001.mp4"]
     assert [len(read_frames(tmp_path / n)) for n in ("v_000.mp4", "v_001.mp4")] == [9, 9]
 
 
-def fake_wan(tmp_path, tiny, parts=("tokenizer", "t5", "vae")):
-    """A Wan2.1 folder in the original layout holding the tiny model's files."""
-    model, te, vae = tiny
-    wan = tmp_path / "wan"
-    (wan / "google/umt5-xxl").mkdir(parents=True, exist_ok=True)
-    if "tokenizer" in parts:
-        sample.tiny_tokenizer(model.cfg.text_len).save(wan / "google/umt5-xxl/tokenizer.json")
-    if "t5" in parts:
-        torch.save(te.encoder.state_dict(), wan / "models_t5_umt5-xxl-enc-bf16.pth")
-    if "vae" in parts:
-        torch.save(vae.state_dict(), wan / "Wan2.1_VAE.pth")
-    return wan
+def test_real_weights_path_equals_the_models_written(tmp_path, wan_args, models):
+    """--ckpt/--wan load the files (strictly, through model.py, t5.py, vae.py) and give the video of the models that
+    were written to them."""
+    prompt = "a cat walks on the beach"
+    sample.main(["--prompt", prompt, "--num_frames", "21", "--out", str(tmp_path / "files.mp4"), *wan_args])
+    run(models, [prompt], num_frames=21, out=str(tmp_path / "memory.mp4"))
+    a, b = read_frames(tmp_path / "files.mp4"), read_frames(tmp_path / "memory.mp4")
+    assert len(a) == len(b) == 21 and all((x == y).all() for x, y in zip(a, b))
 
 
-def test_real_weights_path_equals_embedded_model(tmp_path, tiny):
-    """--ckpt/--wan load the files (strictly, through model.py, t5.py, vae.py) and give the embedded model's video."""
-    model = tiny[0]
-    ckpt = tmp_path / "student.safetensors"
-    save_safetensors(model, ckpt)
-    wan = fake_wan(tmp_path, tiny)
-    args = ["--prompt", "a cat walks on the beach", "--num_frames", "21", *SMALL]
-    sample.main([*args, "--ckpt", str(ckpt), "--wan", str(wan), "--out", str(tmp_path / "files.mp4")])
-    sample.main([*args, "--out", str(tmp_path / "embedded.mp4")])
-    a, b = read_frames(tmp_path / "files.mp4"), read_frames(tmp_path / "embedded.mp4")
-    assert len(a) == 21 and all((x == y).all() for x, y in zip(a, b))
-
-
-def test_missing_or_wrong_weights_name_the_file(tmp_path, tiny):
+def test_missing_or_wrong_weights_name_the_file(tmp_path, models):
+    _, te, vae = models
     ckpt = tmp_path / "rewardforcing.pt"
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), "--wan", str(tmp_path / "wan")])
@@ -157,13 +155,13 @@ def test_missing_or_wrong_weights_name_the_file(tmp_path, tiny):
     with pytest.raises(SystemExit, match="--ckpt is given but not --wan"):
         sample.main(["--ckpt", str(ckpt)])
     ckpt.write_bytes(b"not a checkpoint")
-    wan = fake_wan(tmp_path, tiny, parts=("tokenizer",))
+    wan = tiny.write_wan(tmp_path / "wan", te, vae, parts=("tokenizer",))
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), "--wan", str(wan)])
     msg = str(e.value)
     assert "models_t5_umt5-xxl-enc-bf16.pth" in msg and "Wan2.1_VAE.pth" in msg and "Wan-AI/Wan2.1-T2V-1.3B" in msg
     assert "tokenizer.json" not in msg  # present, so not listed
-    wan = fake_wan(tmp_path, tiny)
+    wan = tiny.write_wan(tmp_path / "wan", te, vae)
     with pytest.raises(SystemExit) as e:  # all files there, but the student is not a checkpoint
         sample.main(["--ckpt", str(ckpt), "--wan", str(wan)])
     assert "student DiT" in str(e.value) and str(ckpt) in str(e.value) and "JaydenLu666" in str(e.value)
