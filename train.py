@@ -19,6 +19,19 @@ Three networks: the `student` (the few-step causal generator G), the `teacher` (
 Sizes are the video's: --num_frames pixel frames, --height / --width pixels. With Wan's VAE 1 + 4 (F - 1) frames and
 8 x 8 pixels make one latent (81 x 480 x 832 -> 21 x 60 x 104); with no --vae the latents are the video.
 
+Where this trainer departs from the released Reward Forcing trainer, on purpose:
+  - One optimizer step per accumulated batch, gradients zeroed every step. The released trainer stepped the generator
+    every 40 iterations, twice, and re-applied stale critic gradients.
+  - Training streams through the sampling cache (window 9, EMA sink). The released trainer used a 21-frame cache that
+    never evicted, so its EMA sink never ran in training.
+  - Options beyond the paper, off by default: --reward_clip=c clamps r before exp(r / beta), whose weights are
+    heavy-tailed for a z-scored r (E[exp(2 z)] = e^2); --reward_norm=true divides the gradient by the mean weight
+    over the global batch; --beta=inf or --reward=none is plain DMD.
+Every random draw comes from (seed, step, rank), so --resume=true continues exactly; checkpoints are written
+atomically (plumbing.py). A non-finite loss stops the run before the optimizer step and names the last good
+checkpoint. With no --teacher / --text_encoder / --vae the networks are random tiny presets with a word-level tiny
+umT5 (tests and toy runs).
+
     python train.py config/toy.py --stage=ode
     torchrun --standalone --nproc_per_node=8 train.py --stage=redmd --teacher=Wan2.1-T2V-1.3B \\
         --text_encoder=Wan2.1-T2V-1.3B --vae=Wan2.1-T2V-1.3B --prompts=prompts.txt --dist=fsdp
