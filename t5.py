@@ -29,7 +29,7 @@ PAD_ID, EOS_ID = 0, 1
 
 
 @dataclass
-class T5Config:
+class T5Config:  # umT5-XXL's encoder; small ones for toy worlds and tests come from tiny_text_encoder
     vocab: int = 256384
     dim: int = 4096
     dim_attn: int = 4096  # num_heads * head_dim
@@ -41,11 +41,6 @@ class T5Config:
     eps: float = 1e-6
     text_len: int = 512
 
-
-T5_PRESETS = {
-    "umt5-xxl": T5Config(),
-    "tiny": T5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=64),
-}
 
 # ----------------------------------------------------------------------------- model
 

@@ -608,7 +608,9 @@ def videoalign(path, cls, default_cfg, cfg=None, lora_alpha=None):
     official torch pickle `model.pth` (PEFT-wrapped), its checkpoint-NNNN/ folder, VideoAlign's root folder (latest
     checkpoint-NNNN/), or a .safetensors written by `convert` (its config in the metadata). LoRA alpha: `lora_alpha`,
     else model_config.json's peft_lora_config, else 128. cfg: sizes for a file that does not state them
-    (default `default_cfg`, Qwen2-VL-2B)."""
+    (default `default_cfg`, Qwen2-VL-2B). The key layout (PEFT's `base_model.model.` prefix, `.base_layer.`,
+    `lora_A/B.default`) follows the PEFT version VideoAlign trained with; the real model.pth was not available here.
+    """
     p = os.fspath(path)
     if os.path.isdir(p):
         steps = sorted((d for d in os.listdir(p) if re.fullmatch(r"checkpoint-\d+", d)), key=lambda d: int(d[11:]))

@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 
+from t5 import EOS_ID, T5Config, T5Encoder, TextEncoder, Tokenizer, clean_prompt, relative_bucket
 from weights import WAN_T5_FILE, CheckpointError
-from t5 import (EOS_ID, T5_PRESETS, T5Config, T5Encoder, TextEncoder, Tokenizer,
-                clean_prompt, relative_bucket)
+
+TINY = T5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=64)
 
 
 def hf_umt5(max_distance=20):
@@ -196,7 +197,7 @@ def test_tokenizer_truncation_keeps_eos_and_warns(tokenizer_json):
 
 
 def test_context_zero_past_length_and_equal_to_encoder(tokenizer_json):
-    cfg = T5Config(**{**T5_PRESETS["tiny"].__dict__, "num_layers": 2})
+    cfg = T5Config(**{**TINY.__dict__, "num_layers": 2})
     enc = randomised(cfg)
     te = TextEncoder(Tokenizer(tokenizer_json, text_len=12), enc)
     prompts = ["a cat runs on grass", "色调", "dog"]
@@ -212,7 +213,7 @@ def test_context_zero_past_length_and_equal_to_encoder(tokenizer_json):
 
 
 def test_bf16_close_to_fp32():
-    enc = randomised(T5_PRESETS["tiny"])
+    enc = randomised(TINY)
     ids, mask = batch_with_padding(256, L=20, lengths=(20, 9))
     with torch.no_grad():
         ref = enc(ids, mask)
@@ -227,7 +228,7 @@ def test_bf16_close_to_fp32():
 
 
 def test_wan_pth_roundtrip_and_text_encoder_folder(tmp_path, tokenizer_json):
-    enc = randomised(T5_PRESETS["tiny"])
+    enc = randomised(TINY)
     sd = {k: v.to(torch.bfloat16) for k, v in enc.state_dict().items()}  # Wan ships bf16
     root = tmp_path / "Wan2.1-T2V-1.3B"
     (root / "google" / "umt5-xxl").mkdir(parents=True)
@@ -246,7 +247,7 @@ def test_wan_pth_roundtrip_and_text_encoder_folder(tmp_path, tokenizer_json):
 
 
 def _broken(tmp_path, edit):
-    sd = dict(T5Encoder(T5_PRESETS["tiny"]).state_dict())
+    sd = dict(T5Encoder(TINY).state_dict())
     edit(sd)
     path = tmp_path / "broken_t5.pth"
     torch.save(sd, path)
