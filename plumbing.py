@@ -236,7 +236,7 @@ class StageDir:
             return 0, None
         for name, m in models.items():
             load_full_state_dict(m, load_file(os.path.join(path, f"{name}.safetensors")))
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         for name, (m, o) in opts.items():
             load_optim_state_dict(m, o, state["optim"][name])
         self.proc.print(f"resumed from {path} (step {state['step']})")
