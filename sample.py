@@ -37,6 +37,7 @@ import torch
 from config import configure, opt, pick_device, pick_dtype
 from model import WanModel
 from sink import MODES, SinkCache, rollout
+import weights
 from weights import CheckpointError
 
 STUDENT_WHERE = ("rewardforcing.pt from https://huggingface.co/JaydenLu666/Reward-Forcing-T2V-1.3B "
@@ -241,13 +242,6 @@ def load_toy(device, dtype):
     return model, te, PixelFrames()
 
 
-WAN_FILES = [  # (what, accepted paths inside the Wan folder: original layout first, then Diffusers)
-    ("tokenizer", ["google/umt5-xxl/tokenizer.json", "tokenizer/tokenizer.json", "tokenizer.json"]),
-    ("umT5 text encoder", ["models_t5_umt5-xxl-enc-bf16.pth", "text_encoder"]),
-    ("VAE", ["Wan2.1_VAE.pth", "vae"]),
-]
-
-
 def check_weights(cfg):
     """Fail early, naming every missing file and where to get it."""
     if not cfg.ckpt:
@@ -259,7 +253,7 @@ def check_weights(cfg):
     wan = Path(cfg.wan)
     if not wan.is_dir():
         raise SystemExit(f"--wan {cfg.wan}: no such folder. It is {WAN_WHERE}")
-    missing = [f"{what} ({' or '.join(names)})" for what, names in WAN_FILES
+    missing = [f"{what} ({' or '.join(names)})" for what, names in weights.WAN_FOLDER.items()
                if not any((wan / n).exists() for n in names)]
     if missing:
         raise SystemExit(f"--wan {cfg.wan}: missing {'; '.join(missing)}. Get them from {WAN_WHERE}")

@@ -258,8 +258,8 @@ class TextEncoder(nn.Module):
     def from_pretrained(cls, folder, dtype=None, device=None, text_len=512):
         """folder: a Wan2.1 root (google/umt5-xxl/tokenizer.json + .pth) or a Diffusers root (tokenizer/, text_encoder/)."""
         folder = Path(folder)
-        tok = _first_file(folder, ["tokenizer/tokenizer.json", "google/umt5-xxl/tokenizer.json", "tokenizer.json"])
-        enc = _first_file(folder, ["text_encoder", weights.WAN_T5_FILE])
+        tok = _first_file(folder, weights.WAN_FOLDER["tokenizer"])
+        enc = _first_file(folder, weights.WAN_FOLDER["umT5 text encoder"])
         lost = [w for w, f in (("tokenizer.json (tokenizer/ or google/umt5-xxl/)", tok),
                                (f"encoder weights (text_encoder/ or {weights.WAN_T5_FILE})", enc)) if f is None]
         if lost:

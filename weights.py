@@ -43,6 +43,13 @@ VIDEOALIGN_WHERE = ("Hugging Face KwaiVGI/VideoReward (now also KlingTeam/VideoR
                     "(+ model_config.json)")
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
+# what a Wan2.1-T2V folder holds beside the DiT, each as its candidate paths in order of preference (Diffusers
+# layout, then the original one)
+WAN_FOLDER = {
+    "tokenizer": ("tokenizer/tokenizer.json", "google/umt5-xxl/tokenizer.json", "tokenizer.json"),
+    "umT5 text encoder": ("text_encoder", WAN_T5_FILE),
+    "VAE": ("vae", WAN_VAE_FILE),
+}
 
 # -----------------------------------------------------------------------------
 # rename tables: (regex on a stored name, replacement), every row applied in order by `rename`

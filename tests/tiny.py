@@ -8,6 +8,7 @@ import torch
 from model import PRESETS, WanModel
 from t5 import tiny_text_encoder
 from vae import VAE_PRESETS, WanVAE
+import weights
 from weights import save_safetensors
 
 # the tiny tokenizer's vocabulary: enough English for the prompts the tests use (others map to <unk>)
@@ -21,9 +22,8 @@ WORDS = (
     "room window door house kitchen garden camera close-up view shot slowly quickly gently surfing cinematic"
 ).split()
 
-WAN_T5 = "models_t5_umt5-xxl-enc-bf16.pth"  # Wan2.1's original layout
+WAN_T5, WAN_VAE = weights.WAN_T5_FILE, weights.WAN_VAE_FILE  # Wan2.1's original layout
 WAN_TOKENIZER = "google/umt5-xxl/tokenizer.json"
-WAN_VAE = "Wan2.1_VAE.pth"
 
 
 def models(seed=0):
