@@ -486,22 +486,18 @@ def vae(path, cls):
                 f".safetensors file, or a folder containing one of these; get them from {WAN_WHERE}")
     if not p.exists():
         raise FileNotFoundError(f"Wan VAE checkpoint path {p} does not exist; expected {expected}")
-    file = cfg_path = None
     if p.is_file():
         if p.suffix not in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
             raise CheckpointError(f"{p}: not a checkpoint file; expected {expected}")
-        file, cfg_path = p, vae_config_beside(p) if p.suffix == ".safetensors" else None
-    for folder in ((p, p / "vae") if file is None else ()):
-        if (folder / WAN_VAE_FILE).is_file():
-            file = folder / WAN_VAE_FILE
-            break
-        st = folder / "diffusion_pytorch_model.safetensors"
-        # a Wan root folder also holds the DiT's diffusion_pytorch_model.safetensors: use it only with a VAE config
-        if st.is_file() and (vae_config_beside(st) is not None or not (folder / "config.json").exists()):
-            file, cfg_path = st, vae_config_beside(st)
-            break
-    if file is None:
-        raise FileNotFoundError(f"no Wan VAE checkpoint found in folder {p}; expected {expected}")
+        file = p
+    else:
+        for folder in (p, p / "vae"):  # a Wan root folder, a Diffusers root, or a vae/ folder itself
+            file = folder / WAN_VAE_FILE if (folder / WAN_VAE_FILE).is_file() else vae_safetensors(folder)
+            if file is not None:
+                break
+        if file is None:
+            raise FileNotFoundError(f"no Wan VAE checkpoint found in folder {p}; expected {expected}")
+    cfg_path = vae_config_beside(file) if file.suffix == ".safetensors" else None
     ckpt = read(file, pickle_keys=("state_dict",))
     if any(VAE_DIFFUSERS_KEY.match(k) for k in ckpt.entries):
         resnets = layer_count(ckpt.entries, "decoder.up_blocks.0.resnets")
@@ -509,6 +505,15 @@ def vae(path, cls):
     if cfg_path is not None:
         return ckpt, vae_config_from_json(cls, cfg_path)
     return ckpt, vae_config_from_shapes(cls, ckpt.shapes(), ckpt.src)
+
+
+def vae_safetensors(folder):
+    """folder's diffusion_pytorch_model.safetensors if it is a VAE's, else None. A Wan root folder also holds the DiT's
+    file of that name: it counts only beside a VAE config.json, or with no config.json at all."""
+    st = folder / "diffusion_pytorch_model.safetensors"
+    if st.is_file() and (vae_config_beside(st) is not None or not (folder / "config.json").exists()):
+        return st
+    return None
 
 
 def vae_config_beside(file):
