@@ -457,6 +457,9 @@ def t5(path, cls):
                 raise FileNotFoundError(f"no T5 checkpoint found in folder {p}; expected {expected}")
     src = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
     ckpt = read_all(files, src).rename(T5_HF, tied=("token_embedding.weight",))
+    cfg = config_from_meta(cls, ckpt.meta, src)  # a file `convert` wrote
+    if cfg is not None:
+        return ckpt, cfg
     if cfg_path is not None:  # Hugging Face UMT5 config.json
         j = read_json(cfg_path)
         lost = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers") if k not in j]
@@ -504,7 +507,7 @@ def vae(path, cls):
         ckpt.rename(vae_diffusers(num_res_blocks=max(resnets - 1, 0)))
     if cfg_path is not None:
         return ckpt, vae_config_from_json(cls, cfg_path)
-    return ckpt, vae_config_from_shapes(cls, ckpt.shapes(), ckpt.src)
+    return ckpt, config_from_meta(cls, ckpt.meta, ckpt.src) or vae_config_from_shapes(cls, ckpt.shapes(), ckpt.src)
 
 
 def vae_safetensors(folder):

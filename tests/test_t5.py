@@ -286,3 +286,20 @@ def test_error_not_a_checkpoint(tmp_path):
         T5Encoder.from_pretrained(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="Wan-AI/Wan2.1-T2V-1.3B"):
         TextEncoder.from_pretrained(tmp_path / "empty")
+
+
+def test_convert_keeps_what_the_shapes_cannot_tell(tmp_path):
+    """`python weights.py convert t5` on a Diffusers text_encoder/ folder: the safetensors it writes loads back with
+    the same config (max_distance 20 is not in any tensor shape) and the same outputs."""
+    import subprocess
+    import sys
+
+    hf_umt5().save_pretrained(tmp_path / "text_encoder")
+    dst = tmp_path / "t5.safetensors"
+    subprocess.run([sys.executable, "weights.py", "convert", "t5", str(tmp_path / "text_encoder"), str(dst)],
+                   check=True, capture_output=True)
+    ref, got = T5Encoder.from_pretrained(tmp_path / "text_encoder"), T5Encoder.from_pretrained(dst)
+    assert got.cfg == ref.cfg and got.cfg.max_distance == 20
+    ids, mask = batch_with_padding(100)
+    with torch.no_grad():
+        assert torch.equal(got(ids, mask), ref(ids, mask))

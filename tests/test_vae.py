@@ -264,3 +264,18 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         WanVAE.from_pretrained(tmp_path / "empty")
+
+
+def test_convert_pth_to_safetensors(pth, tmp_path):
+    """`python weights.py convert vae` on Wan2.1_VAE.pth: the safetensors loads back as the same model."""
+    import subprocess
+    import sys
+
+    vae, folder = pth
+    dst = tmp_path / "vae.safetensors"
+    subprocess.run([sys.executable, "weights.py", "convert", "vae", str(folder), str(dst)], check=True,
+                   capture_output=True)
+    got = WanVAE.from_pretrained(dst)
+    assert got.cfg == vae.cfg
+    sd = vae.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in got.state_dict().items()) and got.state_dict().keys() == sd.keys()
