@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import configure, opt, pick_device, pick_dtype
+from config import cli, configure, opt, pick_device, pick_dtype
 from model import PRESETS, WanConfig, WanModel, param_dtype
 from sample import peak_rss_mb, rss_mb, sync, to_uint8
 from sink import SinkCache, rollout
@@ -460,4 +460,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(lambda: main(sys.argv[1:]))

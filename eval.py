@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import configure, opt, pick_device, pick_dtype
+from config import cli, configure, opt, pick_device, pick_dtype, writable_dir
 from data import toyworld
-from sink import MODES, SinkCache, rollout
+from sink import MODES, SinkCache, rollout, settings_error, settings_mismatch
 
 COLOR_TOL = 0.6  # a pixel has colour c when every channel is within this of c's (palettes are >= 1.6 apart)
 NEUTRAL_TOL = 0.3  # a background pixel: channel spread (max - min) below this
@@ -326,6 +326,35 @@ class EvalConfig:
                              "(red: model, gray: world clips)")
 
 
+def check(cfg):
+    """The one place eval.py checks its settings, before any model loads: numbers, the cache, the files and the
+    output images. Relative default paths are found from any directory."""
+    pick_dtype(cfg.dtype, pick_device(cfg.device))
+    for name in ("num_captions", "num_frames", "height", "batch_size", "segment_frames", "png_videos", "png_frames"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= 1")
+    if not cfg.seeds:
+        raise SystemExit("--seeds: give at least one noise seed")
+    if (err := settings_error(cfg)) is not None:
+        raise SystemExit(err)
+    frame_size(cfg)
+    if not cfg.ckpt:
+        raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
+    here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
+    for name in ("ckpt", "text_encoder"):
+        path = getattr(cfg, name)
+        if not os.path.exists(path) and os.path.exists(os.path.join(here, path)):
+            setattr(cfg, name, os.path.join(here, path))
+        if not os.path.exists(getattr(cfg, name)):
+            raise SystemExit(f"--{name}={path}: no such file or folder")
+    for name in ("out_png", "curve_png"):
+        path = getattr(cfg, name)
+        if path:
+            if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
+                raise SystemExit(f"--{name}={path}: a .png (or .jpg) file path")
+            writable_dir(os.path.dirname(path) or ".", f"--{name}={path}")
+
+
 def frame_size(cfg):
     """The side of the toy world's square frames, in pixels (= latents): --height, which must equal --width."""
     if cfg.height != cfg.width:
@@ -472,20 +501,19 @@ def main(argv=None):
     from weights import CheckpointError
 
     cfg = configure(EvalConfig(), argv, doc=__doc__)
-    if not cfg.ckpt:
-        raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
-    if cfg.sink_mode not in MODES:
-        raise SystemExit(f"--sink_mode takes one of {', '.join(MODES)}, got {cfg.sink_mode!r}")
-    frame_size(cfg)
+    check(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
-    cfg.ckpt, cfg.text_encoder = (p if os.path.exists(p) else os.path.join(here, p) for p in (cfg.ckpt, cfg.text_encoder))
     try:
         model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
         te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=model.cfg.text_len)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         raise SystemExit(f"loading failed: {err}") from None
+    if model.cfg.in_dim != 3:
+        raise SystemExit(f"--ckpt={cfg.ckpt}: in_dim {model.cfg.in_dim}; eval.py scores toy-world students (RGB "
+                         "latents, in_dim 3)")
+    for line in settings_mismatch(model.trained_with, cfg):
+        print(f"note: {line}")
     result = evaluate(model, te, cfg)
     print(format_table(result))
     videos = result.pop("videos")
@@ -512,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

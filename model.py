@@ -282,6 +282,7 @@ class WanModel(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg = cfg
+        self.trained_with = None  # from_pretrained: the train.py settings stored in the checkpoint, if any
         D = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
@@ -425,5 +426,6 @@ class WanModel(nn.Module):
         ckpt, cfg = weights.dit(path, WanConfig, key=key, num_heads=num_heads)
         model = weights.build(cls, cfg, ckpt, f"a WanModel with {cfg}", lambda k, t: param_dtype(k, t, dtype), device)
         model.init_rope(device=model.patch_embedding.weight.device)
+        model.trained_with = weights.trained_with(ckpt)  # train.py's settings, if it wrote the file
         return model
 

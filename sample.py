@@ -10,12 +10,15 @@ Streaming text-to-video with the Reward Forcing student: prompts -> umT5 -> EMA-
     python sample.py --ckpt ... --wan ... --prompts prompts.txt   # one video per line: out_000.mp4, out_001.mp4, ...
 
 A prompt "SECONDS:text" starts at that time (paper Fig. 7): it takes effect at the first chunk that starts at or after
-it (chunk k starts at pixel frame 1 + 4(3k - 1), i.e. 0, 9, 21, 33, ... at 16 fps). A switch replaces the
+it (chunk k starts at pixel frame 1 + 4(3k - 1), i.e. 0, 9, 21, 33, ... at 16 fps). A prompt without a time starts at
+0 s; one whose first word ends in ':' is read as a time (write "0:Note: ..." for a prompt that starts that way). A switch replaces the
 cross-attention K/V; --recache=true also re-encodes the window's frames under the new prompt (LongLive's recache).
 Weights: --ckpt is the student (rewardforcing.pt from JaydenLu666/Reward-Forcing-T2V-1.3B, or its safetensors made by
 `python weights.py convert dit`), --wan the Wan2.1-T2V-1.3B folder (text encoder, tokenizer, VAE); see README 'Weights'.
 With neither, the default is the toy student shipped in data/toy/ (student.safetensors, trained on CPU by the recipe
-in README 'Toy world'): 16x16 frames of the toy world, shown 8x larger.
+in README 'Toy world'): 16x16 frames of the toy world, shown 8x larger. A toy student of your own (train.py
+config/toy.py) needs only --ckpt: its latents are RGB frames, so it takes the toy text encoder and no VAE.
+Every setting, file and output path is checked before any model loads; a bad one exits with one line (status 2).
 Booleans take a value: --compile=true, --recache=true, --interactive=true.
 """
 
@@ -34,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from config import configure, opt, pick_device, pick_dtype
-from model import WanModel
-from sink import MODES, SinkCache, rollout
+from config import cli, configure, opt, pick_device, pick_dtype, read_prompt_file, writable_dir
+from model import WanConfig, WanModel
+from sink import MODES, SinkCache, rollout, settings_error, settings_mismatch
 import weights
 from weights import CheckpointError
 
@@ -148,13 +151,26 @@ def chunk_at(seconds, fps, chunk_frames=3, temporal_stride=4):
 
 
 def parse_schedule(entries):
-    """['0:text', '5:other', 'plain'] -> sorted [(seconds, text)]. A prompt without 'SECONDS:' starts at 0."""
+    """['0:text', '5:other', 'plain'] -> sorted [(seconds, text)]. A prompt without 'SECONDS:' starts at 0; a first
+    word ending in ':' must be a time (a number >= 0), so '5 :x', 'x:foo' or '-1:foo' are errors, not prompts."""
     out = []
     for e in entries:
-        m = re.match(r"^\s*(\d+(?:\.\d*)?)\s*:(.*)$", e, re.S)
-        sec, text = (float(m.group(1)), m.group(2).strip()) if m else (0.0, e.strip())
+        head, colon, rest = e.partition(":")
+        if colon and head.strip() and len(head.split()) == 1:  # "SECONDS:text"
+            try:
+                sec = float(head)
+            except ValueError:
+                raise SystemExit(f"--prompt={e!r}: {head.strip()!r} is not a start time in seconds; write "
+                                 f"'SECONDS:prompt', or '0:{e.strip()}' for a prompt that starts this way") from None
+            if not (math.isfinite(sec) and sec >= 0):
+                raise SystemExit(f"--prompt={e!r}: the start time {head.strip()} s must be a number >= 0")
+            text = rest.strip()
+        else:
+            sec, text = 0.0, e.strip()
+            if re.fullmatch(r"[-+]?\d+(\.\d*)?", text):
+                raise SystemExit(f"--prompt={e!r}: a start time with no prompt; write '{text}:prompt'")
         if not text:
-            raise SystemExit(f"--prompt {e!r}: empty prompt")
+            raise SystemExit(f"--prompt={e!r}: empty prompt")
         out.append((sec, text))
     out.sort(key=lambda p: p[0])
     if not out:
@@ -177,6 +193,7 @@ class Mp4Stream:
     def __init__(self, path, fps, quality=8):
         import imageio.v2 as imageio
 
+        self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # macro_block_size 1: keep the size as is (ours are multiples of 16 anyway; libx264 needs even sizes)
         self.writer = imageio.get_writer(str(path), fps=fps, codec="libx264", quality=quality, macro_block_size=1,
@@ -199,16 +216,22 @@ class Mp4Stream:
 
     def put(self, frames):
         """frames: uint8 numpy [f, H, W, 3]."""
-        if self.error is not None:
-            raise RuntimeError(f"writing the mp4 failed: {self.error}") from self.error
+        self._raise()
         self.q.put(frames)
 
     def close(self):
         self.q.put(None)
         self.thread.join()
-        self.writer.close()
+        try:
+            self.writer.close()
+        except Exception as err:  # ffmpeg gone (disk full, folder removed): its error is in self.error or here
+            self.error = self.error or err
+        self._raise()
+
+    def _raise(self):
         if self.error is not None:
-            raise RuntimeError(f"writing the mp4 failed: {self.error}") from self.error
+            first = (str(self.error).strip().splitlines() or [type(self.error).__name__])[0]
+            raise SystemExit(f"writing {self.path} failed after {self.frames} frames: {first}")
 
 
 def to_uint8(frames, upscale=1):
@@ -233,37 +256,53 @@ class PixelFrames(torch.nn.Module):
         return lambda z: z.float().clamp(-1, 1)
 
 
-def load_toy(device, dtype):
-    """The embedded default: the toy student trained on data/toyworld.py (README 'Toy world'), its text encoder."""
+def load_toy(ckpt, device, dtype):
+    """A toy student (the embedded default: the one trained on data/toyworld.py by README 'Toy world'), the toy
+    world's text encoder, and its pixels-are-latents 'VAE'."""
     from t5 import TextEncoder
 
-    model = WanModel.from_pretrained(TOY_STUDENT, dtype=dtype, device=device)
+    model = WanModel.from_pretrained(ckpt, dtype=dtype, device=device)
     te = TextEncoder.from_pretrained(TOY_DIR, dtype=dtype, device=device, text_len=model.cfg.text_len)
     return model, te, PixelFrames()
 
 
 def check_weights(cfg):
-    """Fail early, naming every missing file and where to get it."""
+    """Which student this is, from its checkpoint's header (no tensor read): 'toy' (RGB latents: no --wan needed) or
+    'wan' (a Wan2.1 student, with the --wan folder). Fails early, naming every missing file and where to get it.
+    Returns (kind, the student's WanConfig, the train.py settings it records or None)."""
+    if not cfg.ckpt and not cfg.wan:
+        if not TOY_STUDENT.exists():
+            raise SystemExit(f"no --ckpt / --wan given and no toy student at {TOY_STUDENT}: train one (README 'Toy "
+                             "world'), or pass --ckpt rewardforcing.pt and --wan Wan2.1-T2V-1.3B/ (README 'Weights')")
+        cfg.ckpt = str(TOY_STUDENT)
     if not cfg.ckpt:
         raise SystemExit(f"--wan is given but not --ckpt: the student checkpoint is {STUDENT_WHERE}")
-    if not cfg.wan:
-        raise SystemExit(f"--ckpt is given but not --wan: the text encoder, tokenizer and VAE come from {WAN_WHERE}")
     if not os.path.exists(cfg.ckpt):
-        raise SystemExit(f"--ckpt {cfg.ckpt}: no such file. The student checkpoint is {STUDENT_WHERE}")
-    wan = Path(cfg.wan)
-    if not wan.is_dir():
-        raise SystemExit(f"--wan {cfg.wan}: no such folder. It is {WAN_WHERE}")
-    missing = [f"{what} ({' or '.join(names)})" for what, names in weights.WAN_FOLDER.items()
-               if not any((wan / n).exists() for n in names)]
-    if missing:
-        raise SystemExit(f"--wan {cfg.wan}: missing {'; '.join(missing)}. Get them from {WAN_WHERE}")
+        raise SystemExit(f"--ckpt={cfg.ckpt}: no such file. The student checkpoint is {STUDENT_WHERE}")
+    if cfg.wan:
+        wan = Path(cfg.wan)
+        if not wan.is_dir():
+            raise SystemExit(f"--wan={cfg.wan}: no such folder. It is {WAN_WHERE}")
+        missing = [f"{what} ({' or '.join(names)})" for what, names in weights.WAN_FOLDER.items()
+                   if not any((wan / n).exists() for n in names)]
+        if missing:
+            raise SystemExit(f"--wan={cfg.wan}: missing {'; '.join(missing)}. Get them from {WAN_WHERE}")
+    try:
+        ckpt, model_cfg = weights.dit(cfg.ckpt, WanConfig, key=cfg.key or None)
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"loading the student DiT failed: {err}; expected {STUDENT_WHERE}") from None
+    kind = "toy" if model_cfg.in_dim == PixelFrames().cfg.z_dim else "wan"  # RGB latents: a toy-world student
+    if kind == "toy" and cfg.wan:
+        raise SystemExit(f"--ckpt={cfg.ckpt} is a toy-world student (RGB latents): it takes no --wan")
+    if kind == "wan" and not cfg.wan:
+        raise SystemExit(f"--ckpt is given but not --wan: the text encoder, tokenizer and VAE come from {WAN_WHERE}")
+    return kind, model_cfg, weights.trained_with(ckpt)
 
 
 def load_real(cfg, device, dtype):
     from t5 import TextEncoder
     from vae import WanVAE
 
-    check_weights(cfg)
     step = "student DiT"
     try:
         model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
@@ -273,7 +312,7 @@ def load_real(cfg, device, dtype):
         vae = WanVAE.from_pretrained(cfg.wan, dtype=dtype, device=device)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         where = STUDENT_WHERE if step == "student DiT" else WAN_WHERE
-        raise SystemExit(f"loading the {step} failed: {err}\nExpected {where}") from None
+        raise SystemExit(f"loading the {step} failed: {err}; expected {where}") from None
     if te.encoder.cfg.dim != model.cfg.text_dim:
         raise SystemExit(f"the text encoder's width {te.encoder.cfg.dim} != the DiT's text_dim {model.cfg.text_dim}")
     if vae.cfg.z_dim != model.cfg.in_dim:
@@ -323,12 +362,7 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
     C, ts, ss = cfg.chunk_frames, vae.cfg.temporal_stride, vae.cfg.spatial_stride
     H, W = cfg.height, cfg.width
     ph, pw = model.cfg.patch_size[1:]
-    if H <= 0 or W <= 0 or H % (ss * ph) or W % (ss * pw):
-        raise SystemExit(f"height and width must be positive multiples of {ss * ph}, got {H}x{W}")
-    if cfg.num_frames < 1:
-        raise SystemExit(f"--num_frames must be >= 1, got {cfg.num_frames}")
-    if cfg.sink_mode not in MODES:
-        raise SystemExit(f"--sink_mode must be one of {MODES}, got {cfg.sink_mode!r}")
+    assert H % (ss * ph) == 0 and W % (ss * pw) == 0 and H > 0 and W > 0, "check(cfg) first: sizes are whole patches"
     num_chunks = chunks_for(cfg.num_frames, C, ts)
     warmup = cfg.warmup_chunks if cfg.warmup_chunks >= 0 else (1 if cfg.sink_mode == "full" else -(-cfg.window_frames // C))
 
@@ -368,7 +402,11 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                     m_start = k
                 new = switches[k] if k > 0 and k in switches else None
                 while new_prompts is not None and not new_prompts.empty():  # the latest line wins
-                    new = encode_schedule(te, [(0.0, new_prompts.get())], device, dtype)[0][1:]
+                    line = new_prompts.get()
+                    if (unknown := toy_words(te.tokenizer, [line]) if isinstance(vae, PixelFrames) else ""):
+                        bar.write(f"ignored {line!r}: {unknown}")
+                        continue
+                    new = encode_schedule(te, [(0.0, line)], device, dtype)[0][1:]
                 if new is not None:
                     recached = cfg.recache and cache.frames > cache.S  # nothing to re-encode before the ring fills
                     cache.set_prompt(dit, new[1], recache=cfg.recache)
@@ -432,48 +470,89 @@ def out_name(out, i):
     return str(p.with_name(f"{p.stem}_{i:03d}{p.suffix or '.mp4'}"))
 
 
-def main(argv=None):
-    cfg = configure(SampleConfig(), argv, doc=__doc__)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    if cfg.upscale < 0:
-        raise SystemExit(f"--upscale must be >= 0 (0: automatic), got {cfg.upscale}")
+def check(cfg):
+    """The one place sample.py checks its settings, every one before any model loads: numbers, the cache, the
+    prompts (their grammar, and words the toy vocabulary lacks), the weights (from their headers) and the output
+    path. Fills the automatic sizes in cfg; returns (kind 'toy' | 'wan', jobs [(schedule, out path)])."""
+    pick_dtype(cfg.dtype, pick_device(cfg.device))
+    for name, low in (("num_frames", 1), ("fps", 1), ("upscale", 0), ("height", 0), ("width", 0), ("warmup_chunks", -1)):
+        if getattr(cfg, name) < low:
+            raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= {low}")
+    if not 0 <= cfg.quality <= 10:
+        raise SystemExit(f"--quality={cfg.quality}: takes 0 .. 10")
+    if (err := settings_error(cfg)) is not None:
+        raise SystemExit(err)
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
+    kind, model_cfg, trained = check_weights(cfg)
 
-    schedule_default = DEFAULT_SCHEDULE
-    if not cfg.ckpt and not cfg.wan:
-        if not TOY_STUDENT.exists():
-            raise SystemExit(f"no --ckpt / --wan given and no toy student at {TOY_STUDENT}: train one (README 'Toy "
-                             "world'), or pass --ckpt rewardforcing.pt and --wan Wan2.1-T2V-1.3B/ (README 'Weights')")
-        print(f"sample.py: no --ckpt / --wan given, so this streams the embedded default: the toy student "
-              f"({TOY_STUDENT.relative_to(TOY_DIR.parent.parent)}, trained on CPU by the recipe in README 'Toy world') "
-              "on the toy world's captions, 16x16 frames shown 8x larger. For real videos pass --ckpt rewardforcing.pt "
-              "and --wan Wan2.1-T2V-1.3B/ (README 'Weights').")
-        model, te, vae = load_toy(device, dtype)
-        cfg.height, cfg.width, cfg.upscale = cfg.height or 16, cfg.width or 16, cfg.upscale or 8
-        schedule_default = TOY_SCHEDULE
+    # sizes: multiples of the VAE's stride times the DiT's patch (the toy: no VAE)
+    stride = 1 if kind == "toy" else 8
+    default = (16, 16) if kind == "toy" else (480, 832)
+    cfg.height, cfg.width = cfg.height or default[0], cfg.width or default[1]
+    cfg.upscale = cfg.upscale or (8 if kind == "toy" else 1)
+    for name, px, p in (("height", cfg.height, model_cfg.patch_size[1]), ("width", cfg.width, model_cfg.patch_size[2])):
+        if px % (stride * p):
+            raise SystemExit(f"--{name}={px}: must be a multiple of {stride * p} (the VAE's stride {stride} times the "
+                             f"DiT's patch {p})")
+
+    # prompts: the schedule's grammar, or the file; the toy's word-level vocabulary must hold every word
+    if cfg.prompts:
+        jobs = [([(0.0, p)], out_name(cfg.out, i)) for i, p in enumerate(read_prompt_file(cfg.prompts))]
+    else:
+        jobs = [(parse_schedule(cfg.prompt or (TOY_SCHEDULE if kind == "toy" else DEFAULT_SCHEDULE)), cfg.out)]
+    if kind == "toy":
+        from t5 import Tokenizer
+
+        unknown = toy_words(Tokenizer(TOY_DIR / "tokenizer.json"), [text for sched, _ in jobs for _, text in sched])
+        if unknown:
+            raise SystemExit(unknown)
+
+    # the output: an mp4 path whose folder can be written now, not after the first chunk
+    out = Path(cfg.out)
+    if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+        raise SystemExit(f"--out={cfg.out}: an .mp4 file path (.mkv and .mov work too)")
+    if out.is_dir():
+        raise SystemExit(f"--out={cfg.out}: is a folder; give a file path such as {out / 'out.mp4'}")
+    writable_dir(str(out.parent), f"--out={cfg.out}")
+    try:
+        import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer)
+    except ImportError:
+        raise SystemExit("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    for line in settings_mismatch(trained, cfg):
+        print(f"note: {line}")
+    return kind, jobs
+
+
+def toy_words(tokenizer, texts):
+    """A one-line complaint naming the words of `texts` the toy vocabulary lacks, or ''."""
+    unknown = sorted({w for t in texts for w in tokenizer.unknown_words(t)})
+    if not unknown:
+        return ""
+    return (f"the toy world's vocabulary has no {', '.join(repr(w) for w in unknown[:8])}: its captions use the words "
+            f"of data/toyworld.py (e.g. {TOY_SCHEDULE[0].partition(':')[2]!r})")
+
+
+def main(argv=None):
+    cfg = configure(SampleConfig(), argv, doc=__doc__)
+    kind, jobs = check(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if kind == "toy":
+        if Path(cfg.ckpt) == TOY_STUDENT:
+            print(f"sample.py: no --ckpt / --wan given, so this streams the embedded default: the toy student "
+                  f"({TOY_STUDENT.relative_to(TOY_DIR.parent.parent)}, trained on CPU by the recipe in README 'Toy "
+                  "world') on the toy world's captions, 16x16 frames shown 8x larger. For real videos pass --ckpt "
+                  "rewardforcing.pt and --wan Wan2.1-T2V-1.3B/ (README 'Weights').")
+        model, te, vae = load_toy(cfg.ckpt, device, dtype)
     else:
         t0 = time.perf_counter()
         model, te, vae = load_real(cfg, device, dtype)
-        cfg.height, cfg.width, cfg.upscale = cfg.height or 480, cfg.width or 832, cfg.upscale or 1
         print(f"loaded the student, umT5 and the VAE in {time.perf_counter() - t0:.1f} s ({dtype}, {device})")
 
     dit = model
     if cfg.compile:
         dit = torch.compile(model, fullgraph=True, backend=cfg.compile_backend)
-
-    if cfg.prompts:
-        try:
-            lines = [s.strip() for s in Path(cfg.prompts).read_text().splitlines()]
-        except OSError as err:
-            raise SystemExit(f"--prompts {cfg.prompts}: cannot read it ({err.strerror})") from None
-        lines = [s for s in lines if s and not s.startswith("#")]
-        jobs = [([(0.0, s)], out_name(cfg.out, i)) for i, s in enumerate(lines)]
-        if not jobs:
-            raise SystemExit(f"--prompts {cfg.prompts}: no prompts in it")
-    else:
-        jobs = [(parse_schedule(cfg.prompt or schedule_default), cfg.out)]
 
     new_prompts = None
     if cfg.interactive:
@@ -493,4 +572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

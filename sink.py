@@ -28,6 +28,40 @@ from dmd import FlowMatch
 MODES = ("ema", "static", "none", "full")
 
 
+def settings_error(s):
+    """What is wrong with a script's streaming settings (s: its config, with chunk_frames, window_frames, sink_frames,
+    sink_mode, alpha), as one line naming the setting and what it allows; None when they describe a cache."""
+    if s.sink_mode not in MODES:
+        return f"--sink_mode={s.sink_mode}: takes one of {', '.join(MODES)}"
+    if s.chunk_frames < 1:
+        return f"--chunk_frames={s.chunk_frames}: a chunk holds at least 1 latent frame (Reward Forcing: 3)"
+    if s.sink_mode in ("ema", "static") and s.sink_frames < 1:
+        return f"--sink_frames={s.sink_frames}: --sink_mode={s.sink_mode} needs a sink of at least 1 frame"
+    if s.sink_frames < 0:
+        return f"--sink_frames={s.sink_frames}: must be >= 0"
+    if not 0.0 <= s.alpha <= 1.0:
+        return f"--alpha={s.alpha}: the EMA momentum is in [0, 1] (paper: 0.999; 1 keeps the first chunk)"
+    S = 0 if s.sink_mode == "none" else s.sink_frames
+    if s.sink_mode != "full" and s.window_frames < S + s.chunk_frames:
+        return (f"--window_frames={s.window_frames}: the window holds the sink ({S}) and the current chunk "
+                f"({s.chunk_frames}), so at least {S + s.chunk_frames} (Reward Forcing: 9)")
+    return None
+
+
+# the streaming settings a student is trained with; one trained elsewhere (no record) is Reward Forcing's release
+STREAM_SETTINGS = ("chunk_frames", "window_frames", "sink_frames", "sink_mode", "alpha")
+RELEASED = {"chunk_frames": 3}
+
+
+def settings_mismatch(trained, s):
+    """Notes, one line each, where the streaming settings s differ from those the student was trained with (trained:
+    its checkpoint's record of train.py's settings, or None). A student sees only the chunking it learned; a
+    different cache is a legitimate ablation (paper Table 3), but the user should know."""
+    rec, where = (trained, "its checkpoint records") if trained else (RELEASED, "Reward Forcing's released student uses")
+    return [f"--{k}={getattr(s, k)} differs from the {rec[k]} {where}: expect artefacts if the student never saw it"
+            for k in STREAM_SETTINGS if k in rec and rec[k] != getattr(s, k)]
+
+
 class SinkCache:
     def __init__(self, model, batch, height, width, *, chunk_frames=3, window_frames=9, sink_frames=3, mode="ema",
                  alpha=0.999, max_frames=None, device=None, dtype=None):

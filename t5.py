@@ -197,6 +197,16 @@ class Tokenizer:
             tok.save(f"{d}/tokenizer.json")
             return cls(f"{d}/tokenizer.json", text_len)
 
+    def unknown_words(self, text):
+        """The words of `text` a word-level vocabulary (the toy world's) does not hold, which would all read as one
+        <unk> token; [] for subword tokenizers such as umT5's, which spell out any word."""
+        if type(self.tok.model).__name__ != "WordLevel":
+            return []
+        unk = self.tok.token_to_id("<unk>")
+        text = clean_prompt(text)
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk]
+
     def save(self, path):
         """Write the tokenizer.json this Tokenizer reads (special-token handling is ours, not the file's)."""
         self.tok.save(str(path))

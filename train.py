@@ -45,16 +45,19 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
 import dmd
-from config import configure, opt, pick_device, pick_dtype
+import weights
+from config import cli, configure, opt, pick_device, pick_dtype, read_prompt_file, writable_dir
 from dmd import FlowMatch
-from model import PRESETS, WanModel
-from plumbing import Proc, StageDir, grad_sync, item, latest_checkpoint, unwrap
-from sink import SinkCache, rollout
+from model import PRESETS, WanConfig, WanModel
+from plumbing import Proc, StageDir, checkpoints, grad_sync, item, latest_checkpoint, resume_point, unwrap
+from sink import SinkCache, rollout, settings_error
+from weights import VIDEOALIGN_WHERE, WAN_WHERE
 
 
 @dataclass
@@ -134,6 +137,7 @@ class TrainConfig:
 # Checkpoint files keep the names sample.py, eval.py and model.py's loaders (and the shipped docs) read:
 # generator.safetensors and generator_ema.safetensors hold the student and student_ema, critic.safetensors the
 # critic, teacher.safetensors and teacher_ema.safetensors the teacher stage's teacher and its EMA.
+STAGE_FILES = {"teacher": ("teacher", "teacher_ema"), "ode": ("generator",), "redmd": ("generator", "generator_ema", "critic")}
 
 
 class Latent(NamedTuple):
@@ -142,6 +146,134 @@ class Latent(NamedTuple):
     F: int  # frames
     h: int  # rows
     w: int  # columns
+
+
+# -----------------------------------------------------------------------------
+# every setting checked, before any model loads or process group starts
+
+
+def stage_file(path, name):
+    """A stage folder (out/toy/teacher) means its latest checkpoint's `name`.safetensors; anything else is as given."""
+    if path and os.path.isdir(path) and latest_checkpoint(path):
+        return os.path.join(latest_checkpoint(path), f"{name}.safetensors")
+    return path
+
+
+# what the ODE stage's pairs depend on: a folder of pairs sampled with other values is not reused
+PAIR_SETTINGS = ("ode_pairs", "ode_steps", "ode_shift", "ode_guidance", "student_steps", "student_shift", "num_frames",
+                 "height", "width", "seed", "prompts", "teacher", "negative_prompt")
+
+
+def resolve(cfg):
+    """The one place train.py checks its settings: every value, file and folder, so a bad one exits with one line
+    naming it before any model loads (and before torchrun's process group starts). Also resolves them once as the
+    stages read them: dtype, negative prompt, networks' files, latent sizes. Returns (cfg, Latent)."""
+    from t5 import NEGATIVE_PROMPT, Tokenizer
+    from weights import WAN_FOLDER, CheckpointError
+
+    def need(ok, msg):
+        if not ok:
+            raise SystemExit(msg)
+
+    need(cfg.stage in ("teacher", "ode", "redmd"), f"--stage={cfg.stage}: takes teacher, ode or redmd")
+    need(cfg.dist in ("ddp", "fsdp"), f"--dist={cfg.dist}: takes ddp or fsdp")
+    dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")  # 'auto' -> a name
+    need((err := settings_error(cfg)) is None, err)
+    for name in ("max_iters", "batch_size", "grad_accum", "student_every", "save_interval", "log_interval",
+                 "keep_ckpts", "ode_pairs", "ode_steps"):
+        need(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+    for name in ("caption_dropout", "teacher_ema_decay", "ema_decay", "beta1", "beta2"):
+        need(0.0 <= getattr(cfg, name) <= 1.0, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
+    for name in ("lr_teacher", "lr_student", "lr_critic", "grad_clip", "student_shift", "teacher_shift", "ode_shift"):
+        need(getattr(cfg, name) > 0, f"--{name}={getattr(cfg, name)}: must be > 0")
+    need(cfg.student_steps and all(0 < t <= 1000 for t in cfg.student_steps),
+         f"--student_steps={cfg.student_steps}: one or more timesteps in (0, 1000], e.g. 1000 750 500 250")
+    need(0 <= cfg.dmd_t_min < cfg.dmd_t_max <= 1000, f"--dmd_t_min={cfg.dmd_t_min} --dmd_t_max={cfg.dmd_t_max}: "
+         "need 0 <= min < max <= 1000")
+    need(cfg.beta > 0, f"--beta={cfg.beta}: the temperature is > 0 (inf: plain DMD)")
+    need(cfg.reward in ("motion", "videoalign", "none"), f"--reward={cfg.reward}: takes motion, videoalign or none")
+    need(cfg.reward_clip is None or cfg.reward_clip > 0, f"--reward_clip={cfg.reward_clip}: > 0, or none")
+    # Wan's VAE: F latent frames <-> 1 + 4 (F - 1) video frames, 8 x 8 pixels per latent; no VAE: the latents are the video
+    ts, ss = 1, 1
+    if cfg.vae:
+        from vae import VAEConfig
+
+        ts, ss = VAEConfig().temporal_stride, VAEConfig().spatial_stride
+    n, C = cfg.num_frames, cfg.chunk_frames
+    vae = " with Wan's VAE (81 = 1 + 4 x 20)" if cfg.vae else ""
+    need(n >= 1 and (n - 1) % ts == 0, f"--num_frames={n}: video frames must be 1 + {ts} k, k >= 0{vae}")
+    F = 1 + (n - 1) // ts
+    allowed = ", ".join(str(1 + ts * (k * C - 1)) for k in (1, 2, 3))
+    need(F % C == 0, f"--num_frames={n}: {F} latent frames, not a multiple of --chunk_frames={C}; "
+                     f"video frames must be one of {allowed}, ...")
+    for name, px in (("height", cfg.height), ("width", cfg.width)):
+        need(px >= 1 and px % ss == 0, f"--{name}={px}: pixels must be a positive multiple of {ss} (the VAE's stride)")
+
+    # files and folders: each named setting must exist and be what it says
+    teacher = stage_file(cfg.teacher, "teacher_ema")  # a teacher stage folder -> its EMA teacher
+    student = stage_file(cfg.student, "generator")
+    ode_ckpt = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
+    if cfg.stage == "redmd" and not student and ode_ckpt:  # Re-DMD starts from the ODE stage's student
+        student = os.path.join(ode_ckpt, "generator.safetensors")
+    for name, path in (("teacher", teacher), ("student", student), ("critic", cfg.critic)):
+        if path and cfg.stage != "teacher":
+            need(os.path.exists(path), f"--{name}={path}: no such file or folder")
+            try:
+                weights.dit(path, WanConfig)  # the header: names and shapes, no tensor read
+            except (CheckpointError, OSError) as err:
+                raise SystemExit(f"--{name}={getattr(cfg, name)}: {err}") from None
+    if not teacher and cfg.stage != "teacher":
+        need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)} (or give --teacher)")
+    if cfg.stage == "teacher":
+        need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)}")
+    if cfg.vae:
+        need(os.path.exists(cfg.vae), f"--vae={cfg.vae}: no such file or folder (Wan2.1's VAE: {WAN_WHERE})")
+    words = None
+    if cfg.text_encoder:
+        te = Path(cfg.text_encoder)
+        lost = [what for what, names in WAN_FOLDER.items() if what != "VAE" and not any((te / n).exists() for n in names)]
+        need(te.is_dir() and not lost, f"--text_encoder={te}: {'missing ' + ' and '.join(lost) if te.is_dir() else 'no such folder'}"
+                                       f" (a Wan2.1 folder: {WAN_WHERE})")
+        tok = next(te / n for n in WAN_FOLDER["tokenizer"] if (te / n).exists())
+        words = Tokenizer(tok).unknown_words  # a word-level (toy) vocabulary; umT5 knows every word
+    prompts = []
+    if cfg.stage != "teacher":
+        need(cfg.prompts, "--prompts is required: a text file with one prompt per line")
+        prompts = read_prompt_file(cfg.prompts)
+        if words is not None:
+            unknown = sorted({w for p in prompts for w in words(p)})
+            need(not unknown, f"--prompts={cfg.prompts}: words outside the vocabulary of --text_encoder="
+                              f"{cfg.text_encoder}: {', '.join(unknown[:10])}")
+    if cfg.reward == "videoalign" and cfg.stage == "redmd":
+        for name in ("reward_ckpt", "reward_tokenizer", "reward_template"):
+            need(getattr(cfg, name) and os.path.exists(getattr(cfg, name)),
+                 f"--{name}={getattr(cfg, name)}: no such file; --reward=videoalign needs it ({VIDEOALIGN_WHERE})")
+
+    # the output folder: writable now, and no earlier run's checkpoints overwritten or pruned
+    writable_dir(cfg.out_dir, f"--out_dir={cfg.out_dir}")
+    here = os.path.join(cfg.out_dir, cfg.stage)
+    if not cfg.resume and (checkpoints(here) or os.path.exists(os.path.join(here, "latest"))):
+        raise SystemExit(f"--out_dir={cfg.out_dir}: {here} already holds checkpoints of a run (latest: "
+                         f"{os.path.basename(latest_checkpoint(here) or '?')}); continue it with --resume=true, or "
+                         "give a new --out_dir")
+    if cfg.resume:  # its files readable now; that they fit the networks is checked as they load
+        resume_point(here, [f"{name}.safetensors" for name in STAGE_FILES[cfg.stage]], load=False)
+    neg = cfg.negative_prompt
+    if neg is None:  # Wan's long negative prompt is umT5's; a tiny encoder of a few rows gets a short one
+        neg = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
+    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher)
+    done = os.path.join(here, "pairs", "done.json")
+    if cfg.stage == "ode" and os.path.exists(done):  # pairs of an earlier run are reused if they are these settings'
+        try:
+            with open(done) as fh:
+                made = json.load(fh)
+        except (OSError, ValueError):
+            made = {}
+        differ = [f"--{k}={made[k]} (now {getattr(cfg, k)})" for k in PAIR_SETTINGS if k in made and made[k] != getattr(cfg, k)]
+        need(not differ, f"{os.path.dirname(done)} holds ODE pairs sampled with {', '.join(differ)}: delete that "
+                         "folder to sample new ones, or give a new --out_dir")
+    return cfg, Latent(F, cfg.height // ss, cfg.width // ss)
+
 
 
 # -----------------------------------------------------------------------------
@@ -166,19 +298,6 @@ def check_patch(cfg, lat, net):
         s = cfg.height // lat.h
         raise SystemExit(f"--height={cfg.height} --width={cfg.width}: pixels must be multiples of {s * ph} x {s * pw} "
                          f"(the VAE's stride {s} times the network's patch {ph} x {pw})")
-
-
-def read_prompts(cfg):
-    if not cfg.prompts:
-        raise SystemExit("--prompts is required: a text file with one prompt per line")
-    try:
-        with open(cfg.prompts, encoding="utf-8") as fh:
-            prompts = [line.strip() for line in fh if line.strip()]
-    except OSError as err:
-        raise SystemExit(f"--prompts={cfg.prompts}: cannot read it ({err.strerror})") from None
-    if not prompts:
-        raise SystemExit(f"--prompts={cfg.prompts}: no prompts in the file")
-    return prompts
 
 
 def text_encoder(cfg, prompts, net_cfg, device):
@@ -296,7 +415,7 @@ def train_teacher(cfg, lat, proc):
     opt_teacher = adamw(teacher, cfg.lr_teacher, cfg)
     run = StageDir(proc, cfg)
     models, opts = {"teacher": teacher, "teacher_ema": teacher_ema}, {"teacher": (teacher, opt_teacher)}
-    start, _ = run.resume(models, opts) if cfg.resume else (0, None)
+    start, _ = run.start(models, opts)
     fm = FlowMatch(cfg.teacher_shift)
     for step in range(start + 1, cfg.max_iters + 1):
         t0 = time.perf_counter()
@@ -399,7 +518,7 @@ class OdePairs:
 def train_ode(cfg, lat, proc):
     """The causal student regresses the teacher's ODE end points from the trajectories' points at its timesteps."""
     dev = proc.device
-    prompts = read_prompts(cfg)
+    prompts = read_prompt_file(cfg.prompts)
     teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
     check_patch(cfg, lat, teacher)
     encode = text_encoder(cfg, prompts, teacher.cfg, dev)
@@ -416,7 +535,7 @@ def train_ode(cfg, lat, proc):
         proc.barrier()
         if proc.rank == 0:
             with open(os.path.join(folder, "done.json"), "w") as fh:
-                json.dump({"ode_pairs": cfg.ode_pairs}, fh)
+                json.dump({k: getattr(cfg, k) for k in PAIR_SETTINGS}, fh)
     pairs = OdePairs(folder, dev)
     K = len(pairs.t) - 1  # student timesteps; index K is the clean end point
     del teacher
@@ -426,7 +545,7 @@ def train_ode(cfg, lat, proc):
     student = proc.wrap(student, True, backend)
     opt_student = adamw(student, cfg.lr_student, cfg)
     models, opts = {"generator": student}, {"generator": (student, opt_student)}
-    start, _ = run.resume(models, opts) if cfg.resume else (0, None)
+    start, _ = run.start(models, opts)
     fm = FlowMatch(cfg.student_shift)
     C = cfg.chunk_frames
     for step in range(start + 1, cfg.max_iters + 1):
@@ -465,7 +584,7 @@ def train_ode(cfg, lat, proc):
 def train_redmd(cfg, lat, proc):
     """Re-DMD (paper §3.3) on self-forcing rollouts of the student through the EMA-Sink cache."""
     dev = proc.device
-    prompts = read_prompts(cfg)
+    prompts = read_prompt_file(cfg.prompts)
     teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
     check_patch(cfg, lat, teacher)
     encode, decode, reward = text_encoder(cfg, prompts, teacher.cfg, dev), pixel_decoder(cfg, dev), reward_model(cfg, dev)
@@ -482,7 +601,7 @@ def train_redmd(cfg, lat, proc):
     run = StageDir(proc, cfg)
     models = {"generator": student, "generator_ema": student_ema, "critic": critic}
     opts = {"generator": (student, opt_student), "critic": (critic, opt_critic)}
-    start, reward_state = run.resume(models, opts) if cfg.resume else (0, None)
+    start, reward_state = run.start(models, opts)
     if reward_state is not None and reward is not None:
         reward.load_state_dict(reward_state)
 
@@ -576,51 +695,6 @@ def train_redmd(cfg, lat, proc):
 STAGES = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}
 
 
-def stage_file(path, name):
-    """A stage folder (out/toy/teacher) means its latest checkpoint's `name`.safetensors; anything else is as given."""
-    if path and os.path.isdir(path) and latest_checkpoint(path):
-        return os.path.join(latest_checkpoint(path), f"{name}.safetensors")
-    return path
-
-
-def resolve(cfg):
-    """The settings as the stages read them, resolved once: dtype, negative prompt, networks' files, latent sizes.
-    Returns (cfg, Latent); invalid settings exit with a one-line message before any process group starts."""
-    from t5 import NEGATIVE_PROMPT
-
-    if cfg.stage not in STAGES:
-        raise SystemExit(f"--stage must be teacher, ode or redmd, got {cfg.stage!r}")
-    # Wan's VAE: F latent frames <-> 1 + 4 (F - 1) video frames, 8 x 8 pixels per latent; no VAE: the latents are the video
-    ts, ss = 1, 1
-    if cfg.vae:
-        from vae import VAEConfig
-
-        ts, ss = VAEConfig().temporal_stride, VAEConfig().spatial_stride
-    n, C = cfg.num_frames, cfg.chunk_frames
-    if n < 1 or (n - 1) % ts:
-        vae = " with Wan's VAE (81 = 1 + 4 x 20)" if cfg.vae else ""
-        raise SystemExit(f"--num_frames={n}: video frames must be 1 + {ts} k, k >= 0{vae}")
-    F = 1 + (n - 1) // ts
-    if F % C:
-        allowed = ", ".join(str(1 + ts * (k * C - 1)) for k in (1, 2, 3))
-        raise SystemExit(f"--num_frames={n}: {F} latent frames, not a multiple of --chunk_frames={C}; "
-                         f"video frames must be one of {allowed}, ...")
-    for name, px in (("height", cfg.height), ("width", cfg.width)):
-        if px < 1 or px % ss:
-            raise SystemExit(f"--{name}={px}: pixels must be a positive multiple of {ss} (the VAE's stride)")
-    student = stage_file(cfg.student, "generator")
-    ode_ckpt = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
-    if cfg.stage == "redmd" and not student and ode_ckpt:  # Re-DMD starts from the ODE stage's student
-        student = os.path.join(ode_ckpt, "generator.safetensors")
-    neg = cfg.negative_prompt
-    if neg is None:  # Wan's long negative prompt is umT5's; a tiny encoder of a few rows gets a short one
-        neg = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
-    dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")  # 'auto' -> a name
-    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student,
-                  teacher=stage_file(cfg.teacher, "teacher_ema"))  # a teacher stage folder -> its EMA teacher
-    return cfg, Latent(F, cfg.height // ss, cfg.width // ss)
-
-
 def main(argv=None):
     """Train one stage; returns the trained network (the student; the teacher stage: the teacher's EMA)."""
     cfg, lat = resolve(configure(TrainConfig(), argv, doc=__doc__))
@@ -636,4 +710,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -245,6 +245,15 @@ def read_json(path):
         raise CheckpointError(f"{path}: unreadable JSON ({err})") from err
 
 
+def trained_with(ckpt):
+    """The train.py settings a checkpoint was trained with (a dict, from the metadata StageDir.save writes), or None
+    (files from elsewhere: the released weights, conversions)."""
+    try:
+        return json.loads(ckpt.meta["train_config"]) if "train_config" in ckpt.meta else None
+    except ValueError:
+        return None
+
+
 def config_from_meta(cls, meta, src):
     """A config dataclass written by save_safetensors into a file's metadata, or None."""
     if "config" not in meta:
@@ -298,9 +307,10 @@ def build(cls, cfg, ckpt, what, dtype=None, device=None):
     return model.eval()
 
 
-def save_safetensors(model_or_sd, path, cfg=None):
-    """Write one safetensors file, our module names, with `cfg` (a dataclass) in its metadata; atomically (a
-    temporary file renamed into place), so an interrupted write never leaves a truncated checkpoint."""
+def save_safetensors(model_or_sd, path, cfg=None, meta=None):
+    """Write one safetensors file, our module names, with `cfg` (a dataclass) and the strings of `meta` in its
+    metadata; atomically (a temporary file renamed into place), so an interrupted write never leaves a truncated
+    checkpoint."""
     from safetensors.torch import save_file
 
     if isinstance(model_or_sd, torch.nn.Module):
@@ -308,7 +318,7 @@ def save_safetensors(model_or_sd, path, cfg=None):
     else:
         sd = model_or_sd
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    meta = {"format": "pt"}
+    meta = {"format": "pt", **(meta or {})}
     if cfg is not None:
         meta["config"] = json.dumps(dataclasses.asdict(cfg))
     tmp = f"{path}.tmp{os.getpid()}"
@@ -678,11 +688,15 @@ def convert(kind, src, dst, key=None, dtype=None, lora_alpha=None, config=None):
 def main(argv):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python weights.py", description="Checkpoint tools. `convert` writes any "
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, like every other setting error (argparse prints usage + message)
+            raise SystemExit(f"{self.prog}: {message} (--help lists the options)")
+
+    p = Parser(prog="python weights.py", allow_abbrev=False, description="Checkpoint tools. `convert` writes any "
                                 "accepted checkpoint of a network as one safetensors file in the official layout (our "
                                 "module names), with its config in the metadata: the fast, pickle-free load path.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="convert a checkpoint to one safetensors file",
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    c = sub.add_parser("convert", allow_abbrev=False, help="convert a checkpoint to one safetensors file",
                        description="dit: a Wan2.1 DiT (original or Diffusers folder, safetensors, Self / Reward Forcing "
                        ".pt such as rewardforcing.pt); vae: Wan2.1_VAE.pth or a Diffusers vae/; t5: Wan's umT5 .pth or "
                        "a Diffusers text_encoder/; videoalign: VideoAlign's checkpoint-11352/model.pth (LoRA merged).")
@@ -693,23 +707,29 @@ def main(argv):
                    "then generator)")
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: keep; the DiT's time path and modulation stay float32)")
-    c.add_argument("--lora_alpha", type=float, default=None,
+    c.add_argument("--lora_alpha", "--lora-alpha", type=float, default=None,
                    help=f"videoalign: LoRA alpha (default: model_config.json beside the checkpoint, else {LORA_ALPHA})")
     c.add_argument("--config", default=None, help="videoalign: size preset of a checkpoint that does not state its "
                    "sizes (default: qwen2-vl-2b; 'tiny' for tests)")
     a = p.parse_args(argv)
     if not a.dst.endswith(".safetensors"):
-        p.error(f"dst must end in .safetensors, got {a.dst!r}")
-    if os.path.isdir(a.dst) or not os.path.isdir(os.path.dirname(os.path.abspath(a.dst))):
-        p.error(f"dst {a.dst!r}: not a writable file path (its folder must exist)")
+        raise SystemExit(f"convert: dst {a.dst!r} must end in .safetensors")
+    if os.path.isdir(a.dst):
+        raise SystemExit(f"convert: dst {a.dst!r} is a folder; give a file path ending in .safetensors")
+    from config import writable_dir
+
+    writable_dir(os.path.dirname(os.path.abspath(a.dst)), f"convert: dst {a.dst!r}")  # before reading gigabytes
+    if not os.path.exists(a.src):
+        raise SystemExit(f"convert: src {a.src!r}: no such file or folder")
     try:
         cfg = convert(a.kind, a.src, a.dst, key=a.key, dtype=getattr(torch, a.dtype) if a.dtype else None,
                       lora_alpha=a.lora_alpha, config=a.config)
-    except (CheckpointError, FileNotFoundError, OSError) as err:
-        print(f"python weights.py convert: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (CheckpointError, ValueError, OSError) as err:
+        raise SystemExit(f"convert: {err}") from None
     print(f"wrote {a.dst}: {cfg}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from config import cli
+
+    cli(lambda: main(sys.argv[1:]))

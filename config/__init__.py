@@ -4,17 +4,21 @@ Configuration, nanoGPT style: every script has one dataclass of settings; the co
     python train.py config/toy.py --lr=3e-4 --compile=true --out_dir out/toy
     python sample.py --prompt "0:a glass on a table" --prompt "5:coffee pours into it"
 
-- A positional argument is a preset: a Python file (config/NAME.py) whose top-level assignments set fields.
+- A positional argument is a preset: a Python file (config/NAME.py) whose top-level assignments set fields (names
+  starting with _ are its own; `__file__` is the preset's path).
 - `--key=value` or `--key value` sets one field, parsed by the field's type (bool: true/false/1/0/yes/no, or a
   bare `--flag` for true;
   list fields collect every occurrence; None-able fields take `none`). An unknown key is an error that lists
   close matches. `--help` prints the script's docstring and every field with its default and help text.
 - Fields are declared one way: `name: type = opt(default, "help text")` (`opt(factory=list, help=...)` for lists).
+- Every script checks its settings in one function next to its config, before any model loads. A bad setting or path
+  is `raise SystemExit("--key=value: what is allowed")`; `cli(main)` prints that one line and exits with status 2.
 """
 
 import ast
 import dataclasses
 import difflib
+import os
 import sys
 import typing
 
@@ -86,7 +90,7 @@ def configure(cfg, argv=None, doc=""):
             except OSError as err:
                 raise SystemExit(f"preset {arg!r}: cannot read it ({err.strerror}); presets live in config/*.py")
             ns = {}
-            exec(compile(src, arg, "exec"), {}, ns)
+            exec(compile(src, arg, "exec"), {"__file__": os.path.abspath(arg)}, ns)  # a preset may locate files by it
             for key, value in ns.items():
                 if key.startswith("_"):
                     continue
@@ -123,13 +127,40 @@ def configure(cfg, argv=None, doc=""):
     return cfg
 
 
+def cli(main):
+    """Run a script's main() from the command line: a SystemExit carrying a message (a bad setting, a missing file)
+    becomes that message on stderr, one line, and exit status 2, with no traceback; under torchrun rank 0 alone prints
+    it. Other exits (0, 130 after Ctrl-C) pass through."""
+    try:
+        main()
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(" ".join(err.code.split("\n")), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def pick_device(name):
-    """A --device setting -> torch.device; 'auto' is the current accelerator (CUDA, MPS, ...) if any, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
+    """A --device setting -> torch.device; 'auto' is the current accelerator (CUDA, MPS, ...) if any, else the CPU.
+    A name torch does not know, or a device this machine does not have, exits with a one-line message."""
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if name == "auto":
+        return accel or torch.device("cpu")
+    have = "cpu" + (f", {accel.type}, {accel.type}:N" if accel else "")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device={name}: not a device name; this machine has: auto, {have}") from None
+    if dev.type == "cpu":
+        return dev
+    if accel is None or accel.type != dev.type:
+        raise SystemExit(f"--device={name}: no {dev.type} device on this machine (or torch was built without it); "
+                         f"this machine has: auto, {have}")
+    n = torch.accelerator.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise SystemExit(f"--device={name}: this machine has {n} {dev.type} device(s), {dev.type}:0 .. {dev.type}:{n - 1}")
+    return dev
 
 
 def pick_dtype(name, device):
@@ -139,3 +170,36 @@ def pick_dtype(name, device):
     if name not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype takes float32, bfloat16, float16 or auto, got {name!r}")
     return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- checks every script shares
+
+
+def read_prompt_file(path, setting="--prompts"):
+    """A prompts file: one prompt per line; blank lines and lines starting with '#' are skipped (train.py and
+    sample.py read it the same way). Exits with a one-line message if it cannot be read or holds no prompt."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise SystemExit(f"{setting}={path}: cannot read it ({why})") from None
+    prompts = [s for s in lines if s and not s.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"{setting}={path}: no prompts in it (one per line; blank and # lines are skipped)")
+    return prompts
+
+
+def writable_dir(path, label):
+    """Create the folder `path` if needed and prove a file can be written there (a probe file, removed at once), so a
+    bad output location fails before the work starts, not at its first save. label: the setting, e.g. '--out=x.mp4'."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{label}: {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise SystemExit(f"{label}: cannot write in {path} ({err.strerror}: {err.filename})") from None

@@ -2,9 +2,12 @@
 #   python train.py config/toy.py --stage=teacher --max_iters=...
 #   python train.py config/toy.py --stage=ode --max_iters=...
 #   python train.py config/toy.py --stage=redmd --max_iters=...
+import os as _os
+
+_toy = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "data", "toy")  # found from any directory
 model = "toy"  # model.PRESETS["toy"]: RGB 16x16 frames are the latents, no VAE
-text_encoder = "data/toy"  # written by data/prepare_toy.py: word tokenizer + frozen random tiny umT5
-prompts = "data/toy/prompts.txt"
+text_encoder = _toy  # written by data/prepare_toy.py: word tokenizer + frozen random tiny umT5
+prompts = _os.path.join(_toy, "prompts.txt")
 negative_prompt = ""  # the teacher learns the unconditional branch from empty captions
 out_dir = "out/toy"
 teacher = "out/toy/teacher"  # the teacher stage's folder: its latest EMA weights

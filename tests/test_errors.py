@@ -1,0 +1,169 @@
+"""Bad settings and paths, tried as a new user would: every probe runs the real command in a fresh process and must end
+with exit status 2, one line on stderr naming the setting (or file) and what is allowed, no traceback, and nothing
+loaded or written (stdout holds no progress, only notes)."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "data" / "toy"
+
+
+def probes(tmp):
+    """(command, what the one line must contain). tmp holds the files some probes need."""
+    (tmp / "a_file").write_text("x")
+    (tmp / "comments.txt").write_text("# only a comment\n\n")
+    (tmp / "prompts.txt").write_text("# a comment line is skipped\na red ball\n")
+    (tmp / "toy_prompts.txt").write_text("a red circle moves right\na purple dog jumps\n")
+    used = tmp / "used" / "redmd"  # a stage folder holding an earlier run's checkpoints
+    for step in (4, 6):
+        (used / f"step_{step:06d}").mkdir(parents=True)
+    (used / "latest").write_text("step_000006")
+    # a run whose latest checkpoint is corrupt: its student file is garbage, the one before it is intact
+    corrupt = tmp / "corrupt" / "redmd"
+    for step in (2, 4):
+        (corrupt / f"step_{step:06d}").mkdir(parents=True)
+        (corrupt / f"step_{step:06d}" / "generator.safetensors").write_bytes(b"\x00" * 64)
+    (corrupt / "latest").write_text("step_000004")
+    not_writable = "/proc/no_such_dir"  # cannot be created, even by root (a read-only folder can be, by root)
+    train = ["train.py", f"--prompts={tmp / 'prompts.txt'}", f"--out_dir={tmp / 'out'}", "--num_frames=6",
+             "--height=4", "--width=4"]
+    sample = ["sample.py", f"--out={tmp / 'o.mp4'}"]
+    return [
+        # sample.py: the device, the cache, numbers
+        (sample + ["--device=cuda"], "--device=cuda: no cuda device"),
+        (sample + ["--device=gpu"], "--device=gpu: not a device name"),
+        (sample + ["--device=cuda:3"], "--device=cuda:3"),
+        (sample + ["--alpha=2"], "--alpha=2.0: the EMA momentum is in [0, 1]"),
+        (sample + ["--chunk_frames=0"], "--chunk_frames=0: a chunk holds at least 1"),
+        (sample + ["--window_frames=2"], "--window_frames=2: the window holds the sink (3) and the current chunk (3)"),
+        (sample + ["--sink_mode=ring"], "--sink_mode=ring: takes one of ema, static, none, full"),
+        (sample + ["--num_frames=0"], "--num_frames=0: must be >= 1"),
+        (sample + ["--quality=11"], "--quality=11"),
+        (sample + ["--height=10"], "--height=10: must be a multiple of 4"),
+        (sample + ["--steps=4"], "unknown setting --steps"),
+        # sample.py: prompts
+        (sample + ["--prompt=x:foo"], "'x' is not a start time in seconds"),
+        (sample + ["--prompt=5"], "--prompt='5': a start time with no prompt"),
+        (sample + ["--prompt=-1:a red circle"], "the start time -1 s must be a number >= 0"),
+        (sample + ["--prompt=a purple dog"], "the toy world's vocabulary has no 'dog', 'purple'"),
+        (sample + [f"--prompts={tmp / 'comments.txt'}"], "no prompts in it"),
+        (sample + [f"--prompts={tmp / 'nowhere.txt'}"], "nowhere.txt: cannot read it"),
+        # sample.py: output paths and weights
+        (["sample.py", f"--out={not_writable}/o.mp4"], f"--out={not_writable}/o.mp4: cannot write in"),
+        (["sample.py", f"--out={tmp / 'a_file'}/o.mp4"], "a_file is a file, not a folder"),
+        (["sample.py", f"--out={tmp}"], "an .mp4 file path"),
+        (["sample.py", f"--out={tmp / 'video.mp4'}", "--out", str(tmp / "x.txt")], "x.txt: an .mp4 file path"),
+        (sample + [f"--ckpt={tmp / 'nowhere.pt'}"], "nowhere.pt: no such file. The student checkpoint is"),
+        (sample + [f"--ckpt={tmp / 'a_file'}", f"--wan={tmp}"], "missing tokenizer"),
+        (sample + [f"--wan={tmp}"], "--wan is given but not --ckpt"),
+        # eval.py
+        (["eval.py", "--num_frames=0"], "--num_frames=0: must be >= 1"),
+        (["eval.py", "--alpha=2"], "--alpha=2.0"),
+        (["eval.py", "--device=gpu"], "--device=gpu"),
+        (["eval.py", "--chunk_frames=0"], "--chunk_frames=0"),
+        (["eval.py", f"--ckpt={tmp / 'nowhere'}"], "nowhere: no such file or folder"),
+        (["eval.py", f"--out_png={not_writable}/a.png"], "cannot write in"),
+        (["eval.py", "--height=8"], "--height 8 and --width 16 must be equal"),
+        # train.py: settings
+        (train + ["--device=cuda"], "--device=cuda: no cuda device"),
+        (train + ["--device=gpu"], "--device=gpu: not a device name"),
+        (train + ["--alpha=2"], "--alpha=2.0"),
+        (train + ["--chunk_frames=0"], "--chunk_frames=0"),
+        (train + ["--window_frames=2"], "--window_frames=2"),
+        (train + ["--stage=sft"], "--stage=sft: takes teacher, ode or redmd"),
+        (train + ["--num_frames=7"], "--num_frames=7: 7 latent frames, not a multiple of --chunk_frames=3"),
+        (train + ["--beta=0"], "--beta=0.0: the temperature is > 0"),
+        (train + ["--lr_student=0"], "--lr_student=0.0: must be > 0"),
+        (train + ["--reward=clip"], "--reward=clip: takes motion, videoalign or none"),
+        (train + ["--batch_size=0"], "--batch_size=0: must be >= 1"),
+        (train + ["--reward=videoalign"], "--reward_ckpt=: no such file"),
+        # train.py: files and folders
+        (["train.py", "--stage=ode"], "--prompts is required"),
+        (train + [f"--prompts={tmp / 'comments.txt'}"], "no prompts in it"),
+        (train + [f"--teacher={tmp / 'nowhere'}"], "--teacher="),
+        (train + [f"--teacher={tmp / 'a_file'}"], "a_file"),
+        (train + [f"--text_encoder={tmp}"], "missing tokenizer"),
+        (train + [f"--text_encoder={TOY}", f"--prompts={tmp / 'toy_prompts.txt'}"],
+         "words outside the vocabulary of --text_encoder"),
+        (train + [f"--out_dir={not_writable}"], f"--out_dir={not_writable}: cannot write in"),
+        (train + [f"--out_dir={tmp / 'a_file'}"], "a_file is a file, not a folder"),
+        (train + [f"--out_dir={tmp / 'used'}"], "already holds checkpoints of a run (latest: step_000006); continue it "
+                                                "with --resume=true, or give a new --out_dir"),
+        (train + [f"--out_dir={tmp / 'corrupt'}", "--resume=true"],
+         "step_000004/generator.safetensors: cannot resume from it"),
+        # weights.py convert and bench.py
+        (["weights.py", "convert", "dit", str(tmp / "nowhere.pt"), str(tmp / "x.safetensors")], "nowhere.pt"),
+        (["weights.py", "convert", "dit", str(tmp / "a_file"), str(tmp / "x.safetensors")], "a_file: not a torch"),
+        (["weights.py", "convert", "dit", str(tmp / "a_file"), str(tmp / "x.pt")], "must end in .safetensors"),
+        (["weights.py", "convert", "dit", str(tmp / "a_file"), f"{not_writable}/x.safetensors"], "cannot write in"),
+        (["weights.py", "convert", "dit", "--lora-alph=2", "a", "b"], "unrecognized arguments"),
+        (["bench.py", "--scale=huge"], "--scale must be one of"),
+        (["bench.py", "--device=gpu"], "--device=gpu"),
+    ]
+
+
+def run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probes")
+    table = probes(tmp)
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each probe is a fresh interpreter importing torch
+        outs = list(pool.map(run, [cmd for cmd, _ in table]))
+    return tmp, list(zip(table, outs))
+
+
+def test_every_probe_is_one_line_and_exit_status_2(results):
+    tmp, rows = results
+    wrong = []
+    for (cmd, want), out in rows:
+        lines = out.stderr.strip().splitlines()
+        progress = [s for s in out.stdout.splitlines() if s.strip() and not s.startswith("note:")]
+        if out.returncode != 2 or len(lines) != 1 or want not in lines[0] or progress:
+            wrong.append(f"{' '.join(cmd)}\n   exit {out.returncode}, stderr {out.stderr[-600:]!r}, stdout {out.stdout[-300:]!r}")
+    assert not wrong, "\n".join(wrong)
+    # nothing written by the refusals: no video, no checkpoint folder, the used and corrupt runs untouched
+    assert not (tmp / "o.mp4").exists() and not (tmp / "out" / "redmd").exists()
+    assert sorted(p.name for p in (tmp / "used" / "redmd").iterdir()) == ["latest", "step_000004", "step_000006"]
+
+
+def test_the_corrupt_checkpoint_names_the_one_before(results):
+    _, rows = results
+    line = next(out.stderr for (cmd, _), out in rows if any("corrupt" in c for c in cmd))
+    assert "resume from the one before with `echo step_000002 >" in line and "corrupt/redmd/latest`" in line
+
+
+def test_a_different_chunking_from_training_is_noted(tmp_path):
+    """sample.py compares the cache settings with those the checkpoint records (train.py writes them into every
+    checkpoint), or with the released student's 3-frame chunks when it records none."""
+    import sample
+    from config import configure
+    from model import PRESETS, WanModel
+    from weights import save_safetensors
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "student.safetensors"
+    save_safetensors(WanModel(PRESETS["toy"]), ckpt, meta={"train_config": '{"chunk_frames": 2, "window_frames": 8}'})
+    for args, notes in (([], ["--chunk_frames=3 differs from the 2 its checkpoint records",
+                              "--window_frames=9 differs from the 8 its checkpoint records"]),
+                        (["--chunk_frames=2", "--window_frames=8"], [])):
+        cfg = configure(sample.SampleConfig(), [f"--ckpt={ckpt}", f"--out={tmp_path / 'o.mp4'}", *args])
+        kind, jobs = sample.check(cfg)
+        assert kind == "toy" and jobs[0][1] == str(tmp_path / "o.mp4")
+        from sink import settings_mismatch
+
+        got = settings_mismatch(WanModel.from_pretrained(ckpt).trained_with, cfg)
+        assert [g.split(":")[0] for g in got] == notes
+    cfg = configure(sample.SampleConfig(), ["--chunk_frames=4", "--window_frames=12"])  # the shipped toy: no record
+    assert settings_mismatch(None, cfg) == ["--chunk_frames=4 differs from the 3 Reward Forcing's released student "
+                                            "uses: expect artefacts if the student never saw it"]
