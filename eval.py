@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from config import cli, configure, opt, pick_device, pick_dtype, writable_dir
+import weights
 from data import toyworld
+from model import WanConfig
+from weights import CheckpointError
 from sink import MODES, SinkCache, rollout, settings_error, settings_mismatch
 
 COLOR_TOL = 0.6  # a pixel has colour c when every channel is within this of c's (palettes are >= 1.6 apart)
@@ -347,6 +350,16 @@ def check(cfg):
             setattr(cfg, name, os.path.join(here, path))
         if not os.path.exists(getattr(cfg, name)):
             raise SystemExit(f"--{name}={path}: no such file or folder")
+    try:
+        _, model_cfg = weights.dit(cfg.ckpt, WanConfig, key=cfg.key or None)  # the header: no tensor read
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"--ckpt={cfg.ckpt}: {err}") from None
+    if model_cfg.in_dim != 3:
+        raise SystemExit(f"--ckpt={cfg.ckpt}: in_dim {model_cfg.in_dim}; eval.py scores toy-world students (RGB "
+                         "latents, in_dim 3)")
+    frames = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
+    if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
+        raise SystemExit(err)
     for name in ("out_png", "curve_png"):
         path = getattr(cfg, name)
         if path:
@@ -498,7 +511,6 @@ def main(argv=None):
 
     from model import WanModel
     from t5 import TextEncoder
-    from weights import CheckpointError
 
     cfg = configure(EvalConfig(), argv, doc=__doc__)
     check(cfg)
@@ -509,9 +521,6 @@ def main(argv=None):
         te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=model.cfg.text_len)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         raise SystemExit(f"loading failed: {err}") from None
-    if model.cfg.in_dim != 3:
-        raise SystemExit(f"--ckpt={cfg.ckpt}: in_dim {model.cfg.in_dim}; eval.py scores toy-world students (RGB "
-                         "latents, in_dim 3)")
     for line in settings_mismatch(model.trained_with, cfg):
         print(f"note: {line}")
     result = evaluate(model, te, cfg)

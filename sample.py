@@ -485,6 +485,9 @@ def check(cfg):
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
     kind, model_cfg, trained = check_weights(cfg)
+    frames = chunks_for(cfg.num_frames, cfg.chunk_frames, 1 if kind == "toy" else 4) * cfg.chunk_frames
+    if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
+        raise SystemExit(err)
 
     # sizes: multiples of the VAE's stride times the DiT's patch (the toy: no VAE)
     stride = 1 if kind == "toy" else 8

@@ -28,9 +28,10 @@ from dmd import FlowMatch
 MODES = ("ema", "static", "none", "full")
 
 
-def settings_error(s):
+def settings_error(s, frames=None, rope_len=None):
     """What is wrong with a script's streaming settings (s: its config, with chunk_frames, window_frames, sink_frames,
-    sink_mode, alpha), as one line naming the setting and what it allows; None when they describe a cache."""
+    sink_mode, alpha), as one line naming the setting and what it allows; None when they describe a cache. frames:
+    the longest video in latent frames, rope_len: the model's RoPE positions (checked when both are given)."""
     if s.sink_mode not in MODES:
         return f"--sink_mode={s.sink_mode}: takes one of {', '.join(MODES)}"
     if s.chunk_frames < 1:
@@ -45,6 +46,12 @@ def settings_error(s):
     if s.sink_mode != "full" and s.window_frames < S + s.chunk_frames:
         return (f"--window_frames={s.window_frames}: the window holds the sink ({S}) and the current chunk "
                 f"({s.chunk_frames}), so at least {S + s.chunk_frames} (Reward Forcing: 9)")
+    if frames is not None and rope_len is not None:
+        if s.sink_mode == "full" and frames > rope_len:
+            return (f"--sink_mode=full keeps all {frames} latent frames of --num_frames, more than the model's "
+                    f"{rope_len} RoPE positions: use fewer frames or another --sink_mode")
+        if s.sink_mode != "full" and s.window_frames > rope_len:
+            return f"--window_frames={s.window_frames}: more than the model's {rope_len} RoPE positions"
     return None
 
 

@@ -39,6 +39,7 @@ umT5 (tests and toy runs).
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -215,17 +216,19 @@ def resolve(cfg):
     ode_ckpt = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
     if cfg.stage == "redmd" and not student and ode_ckpt:  # Re-DMD starts from the ODE stage's student
         student = os.path.join(ode_ckpt, "generator.safetensors")
+    nets = {}  # each network's config, from its checkpoint's header (names and shapes, no tensor read)
     for name, path in (("teacher", teacher), ("student", student), ("critic", cfg.critic)):
         if path and cfg.stage != "teacher":
             need(os.path.exists(path), f"--{name}={path}: no such file or folder")
             try:
-                weights.dit(path, WanConfig)  # the header: names and shapes, no tensor read
+                nets[name] = weights.dit(path, WanConfig)[1]
             except (CheckpointError, OSError) as err:
                 raise SystemExit(f"--{name}={getattr(cfg, name)}: {err}") from None
-    if not teacher and cfg.stage != "teacher":
-        need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)} (or give --teacher)")
-    if cfg.stage == "teacher":
-        need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)}")
+    if "teacher" not in nets:
+        need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)}"
+                                   + ("" if cfg.stage == "teacher" else " (or give --teacher)"))
+    net = nets.get("teacher") or PRESETS[cfg.model]
+    need((err := settings_error(cfg, F, net.rope_max_len)) is None, err)
     if cfg.vae:
         need(os.path.exists(cfg.vae), f"--vae={cfg.vae}: no such file or folder (Wan2.1's VAE: {WAN_WHERE})")
     words = None
@@ -696,7 +699,8 @@ STAGES = {"teacher": train_teacher, "ode": train_ode, "redmd": train_redmd}
 
 
 def main(argv=None):
-    """Train one stage; returns the trained network (the student; the teacher stage: the teacher's EMA)."""
+    """Train one stage; returns the trained network (the student; the teacher stage: the teacher's EMA), or None
+    under torchrun when this call started the process group (it ends with the call)."""
     cfg, lat = resolve(configure(TrainConfig(), argv, doc=__doc__))
     proc = Proc.setup(cfg.device, cfg.dist)
     try:
@@ -704,6 +708,9 @@ def main(argv=None):
                    f"{cfg.dist if proc.world > 1 else 'single'}, latents {lat.F} x {lat.h} x {lat.w}")
         net = STAGES[cfg.stage](cfg, lat, proc)
         proc.barrier()  # no rank tears the process group down while another still has work in flight
+        if proc.owner and proc.world > 1:  # the group ends below: free what holds its work first (a sharded network
+            net = None  # freed after destroy_process_group aborted 2 of 30 gloo runs: "terminate called without an
+            gc.collect()  # active exception"); the stage's closures form cycles, hence the collection
         return net
     finally:
         proc.close()

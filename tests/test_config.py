@@ -54,3 +54,23 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "my script" in out and "--prompt=['default']" in out and "repeatable" in out
+
+
+def test_prompt_files_and_presets_from_any_directory(tmp_path, monkeypatch):
+    """train.py and sample.py read prompt files one way (blank and # lines skipped); config/toy.py finds the toy's
+    files from any working directory."""
+    from pathlib import Path
+
+    import train
+    from config import read_prompt_file
+
+    f = tmp_path / "p.txt"
+    f.write_text("# the toy captions\n\na red ball\n  # indented comment\n a blue cube \n")
+    assert read_prompt_file(f) == ["a red ball", "a blue cube"]
+    f.write_text("# nothing\n")
+    with pytest.raises(SystemExit, match="p.txt: no prompts in it"):
+        read_prompt_file(f)
+    toy = Path(__file__).resolve().parent.parent / "config" / "toy.py"
+    monkeypatch.chdir(tmp_path)
+    cfg = configure(train.TrainConfig(), [str(toy)])
+    assert Path(cfg.text_encoder, "tokenizer.json").is_file() and Path(cfg.prompts).is_file()

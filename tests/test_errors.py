@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "data" / "toy"
@@ -25,11 +26,13 @@ def probes(tmp):
     for step in (4, 6):
         (used / f"step_{step:06d}").mkdir(parents=True)
     (used / "latest").write_text("step_000006")
-    # a run whose latest checkpoint is corrupt: its student file is garbage, the one before it is intact
+    # a run whose latest checkpoint has a corrupt state.pt (its weights files read), the one before it intact
     corrupt = tmp / "corrupt" / "redmd"
     for step in (2, 4):
         (corrupt / f"step_{step:06d}").mkdir(parents=True)
-        (corrupt / f"step_{step:06d}" / "generator.safetensors").write_bytes(b"\x00" * 64)
+        for name in ("generator", "generator_ema", "critic"):
+            save_file({"w": torch.zeros(2)}, str(corrupt / f"step_{step:06d}" / f"{name}.safetensors"))
+        (corrupt / f"step_{step:06d}" / "state.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
     (corrupt / "latest").write_text("step_000004")
     not_writable = "/proc/no_such_dir"  # cannot be created, even by root (a read-only folder can be, by root)
     train = ["train.py", f"--prompts={tmp / 'prompts.txt'}", f"--out_dir={tmp / 'out'}", "--num_frames=6",
@@ -48,6 +51,7 @@ def probes(tmp):
         (sample + ["--quality=11"], "--quality=11"),
         (sample + ["--height=10"], "--height=10: must be a multiple of 4"),
         (sample + ["--steps=4"], "unknown setting --steps"),
+        (sample + ["--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
         # sample.py: prompts
         (sample + ["--prompt=x:foo"], "'x' is not a start time in seconds"),
         (sample + ["--prompt=5"], "--prompt='5': a start time with no prompt"),
@@ -71,6 +75,7 @@ def probes(tmp):
         (["eval.py", f"--ckpt={tmp / 'nowhere'}"], "nowhere: no such file or folder"),
         (["eval.py", f"--out_png={not_writable}/a.png"], "cannot write in"),
         (["eval.py", "--height=8"], "--height 8 and --width 16 must be equal"),
+        (["eval.py", "--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
         # train.py: settings
         (train + ["--device=cuda"], "--device=cuda: no cuda device"),
         (train + ["--device=gpu"], "--device=gpu: not a device name"),
@@ -83,6 +88,7 @@ def probes(tmp):
         (train + ["--lr_student=0"], "--lr_student=0.0: must be > 0"),
         (train + ["--reward=clip"], "--reward=clip: takes motion, videoalign or none"),
         (train + ["--batch_size=0"], "--batch_size=0: must be >= 1"),
+        (train + ["--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
         (train + ["--reward=videoalign"], "--reward_ckpt=: no such file"),
         # train.py: files and folders
         (["train.py", "--stage=ode"], "--prompts is required"),
@@ -97,7 +103,7 @@ def probes(tmp):
         (train + [f"--out_dir={tmp / 'used'}"], "already holds checkpoints of a run (latest: step_000006); continue it "
                                                 "with --resume=true, or give a new --out_dir"),
         (train + [f"--out_dir={tmp / 'corrupt'}", "--resume=true"],
-         "step_000004/generator.safetensors: cannot resume from it"),
+         "step_000004/state.pt: cannot resume from it"),
         # weights.py convert and bench.py
         (["weights.py", "convert", "dit", str(tmp / "nowhere.pt"), str(tmp / "x.safetensors")], "nowhere.pt"),
         (["weights.py", "convert", "dit", str(tmp / "a_file"), str(tmp / "x.safetensors")], "a_file: not a torch"),

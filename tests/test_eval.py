@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = tw.Spec(color="red", shape="circle", background="gray", direction="right", speed="slowly", x=5, y=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every tensor here is tiny: one thread is faster than several, and kinder to a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def specs(n=60, seed=3):

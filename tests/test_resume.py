@@ -57,17 +57,11 @@ def args(tmp, out, *extra):
     return tiny(tmp, out, "--stage=redmd", "--keep_ckpts=1", *extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the subprocess runs do (OMP_NUM_THREADS=1), so their sums agree bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, one_thread):
     """The uninterrupted run: 6 iterations, a checkpoint every 2."""
     tmp = tmp_path_factory.mktemp("reference")
     train.main(args(tmp, tmp / "out", "--max_iters=6"))

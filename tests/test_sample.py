@@ -23,14 +23,7 @@ def read_frames(path):
         return [f for f in r]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine spinning OpenMP threads slow them down
-    several times."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +158,31 @@ def test_missing_or_wrong_weights_name_the_file(tmp_path, models, files):
     with pytest.raises(SystemExit) as e:  # all files there, but the student is not a checkpoint
         sample.main(["--ckpt", str(ckpt), "--wan", str(wan)])
     assert "student DiT" in str(e.value) and str(ckpt) in str(e.value) and "JaydenLu666" in str(e.value)
+
+
+def test_a_toy_student_of_ones_own_needs_only_ckpt(tmp_path, capsys):
+    """--ckpt alone on a toy-world student (RGB latents): the toy text encoder, no VAE, 16x16 frames shown 8x. In
+    interactive mode a line with words outside the toy vocabulary is ignored with a message, not streamed as <unk>."""
+    import shutil
+
+    ckpt = tmp_path / "my_toy_student.safetensors"
+    shutil.copy(sample.TOY_STUDENT, ckpt)
+    sample.main(["--ckpt", str(ckpt), "--num_frames=6", "--out", str(tmp_path / "t.mp4"),
+                 "--prompt", "a red circle moves right"])
+    frames = read_frames(tmp_path / "t.mp4")
+    assert len(frames) == 6 and frames[0].shape == (128, 128, 3)
+    model, te, vae = sample.load_toy(ckpt, CPU, torch.float32)
+    q = queue.Queue()
+    cfg = sample.configure(sample.SampleConfig(), ["--num_frames=9", "--height=16", "--width=16"])
+    sched = sample.encode_schedule(te, [(0.0, "a red circle moves right")], CPU, torch.float32)
+    good, bad = "a blue square moves left", "a purple dog moves left"
+
+    def on_chunk(k, *_):
+        if k == 0:
+            q.put(good)
+            q.put(bad)  # the latest line wins, unless the toy cannot read it
+
+    stats = sample.stream_video(cfg, model, vae, sched, str(tmp_path / "i.mp4"), te=te, new_prompts=q,
+                                on_chunk=on_chunk, log=lambda *a: None)
+    assert stats["switches"] == [(1, good)]
+    assert "ignored 'a purple dog moves left': the toy world's vocabulary has no 'dog', 'purple'" in capsys.readouterr().out

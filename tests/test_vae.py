@@ -8,13 +8,7 @@ from vae import VAE_PRESETS, VAEConfig, WanVAE
 from weights import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add overhead (and contend on a shared 2-core box). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # tiny but non-trivial: unequal multipliers (shortcut convs, the decoder's channel halving), z_dim != 16,
