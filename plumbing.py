@@ -328,8 +328,8 @@ class StageDir:
             self.proc.print(f"--resume=true: no checkpoint in {self.path} yet, starting at step 1")
             return 0, None
         if path != self.latest():
-            self.proc.print(f"{os.path.join(self.path, 'latest')} names {self.latest()}, which is not complete: "
-                            f"resuming from the newest complete checkpoint")
+            self.proc.print(f"{os.path.join(self.path, 'latest')} names {self.latest() or 'nothing'}: resuming from "
+                            f"the newest complete checkpoint, {path}")
         for name, m in models.items():  # another network's checkpoint (other --model, other sizes) stops here
             f = os.path.join(path, f"{name}.safetensors")
             try:
