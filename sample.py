@@ -197,7 +197,7 @@ class Mp4Stream:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # macro_block_size 1: keep the size as is (ours are multiples of 16 anyway; libx264 needs even sizes)
         self.writer = imageio.get_writer(str(path), fps=fps, codec="libx264", quality=quality, macro_block_size=1,
-                                         pixelformat="yuv420p")
+                                         pixelformat="yuv420p", ffmpeg_log_level="error")  # ffmpeg prints only errors
         self.q = queue.Queue(maxsize=2)
         self.frames, self.error = 0, None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -231,6 +231,8 @@ class Mp4Stream:
     def _raise(self):
         if self.error is not None:
             first = (str(self.error).strip().splitlines() or [type(self.error).__name__])[0]
+            if "Broken pipe" in first:  # ffmpeg exited; it wrote its reason to stderr (disk full, folder gone, ...)
+                first = "ffmpeg stopped (its reason is printed above)"
             raise SystemExit(f"writing {self.path} failed after {self.frames} frames: {first}")
 
 

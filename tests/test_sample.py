@@ -3,8 +3,13 @@ interactive prompts, the real-weights loading path (--ckpt / --wan on tiny rando
 naming missing weights."""
 
 import io
+import os
 import queue
+import re
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ import sample
 import tiny
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--height", "32", "--width", "32"]
 
 
@@ -186,3 +192,16 @@ def test_a_toy_student_of_ones_own_needs_only_ckpt(tmp_path, capsys):
                                 on_chunk=on_chunk, log=lambda *a: None)
     assert stats["switches"] == [(1, good)]
     assert "ignored 'a purple dog moves left': the toy world's vocabulary has no 'dog', 'purple'" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full to fill a disk")
+def test_a_disk_that_fills_mid_video_is_one_line_not_a_traceback(tmp_path):
+    """The output folder passes the up-front check, then every write fails (an mp4 path linked to /dev/full): ffmpeg
+    prints its reason, sample.py ends with one line naming the file and exit status 2, no traceback."""
+    out = tmp_path / "full.mp4"
+    out.symlink_to("/dev/full")
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out={out}"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "No space left on device" in p.stderr  # ffmpeg's own reason
+    assert re.search(rf"writing {re.escape(str(out))} failed after \d+ frames: ffmpeg stopped", p.stderr.splitlines()[-1])
