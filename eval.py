@@ -338,7 +338,7 @@ def check(cfg):
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= 1")
     if not cfg.seeds:
         raise SystemExit("--seeds: give at least one noise seed")
-    if (err := settings_error(cfg)) is not None:
+    if (err := settings_error(cfg)) is not None:  # first alone: the frame count below divides by chunk_frames
         raise SystemExit(err)
     frame_size(cfg)
     if not cfg.ckpt:

@@ -286,7 +286,7 @@ def check_weights(cfg):
         if not wan.is_dir():
             raise SystemExit(f"--wan={cfg.wan}: no such folder. It is {WAN_WHERE}")
         missing = [f"{what} ({' or '.join(names)})" for what, names in weights.WAN_FOLDER.items()
-                   if not any((wan / n).exists() for n in names)]
+                   if weights.wan_file(wan, what) is None]
         if missing:
             raise SystemExit(f"--wan={cfg.wan}: missing {'; '.join(missing)}. Get them from {WAN_WHERE}")
     try:
@@ -482,7 +482,7 @@ def check(cfg):
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= {low}")
     if not 0 <= cfg.quality <= 10:
         raise SystemExit(f"--quality={cfg.quality}: takes 0 .. 10")
-    if (err := settings_error(cfg)) is not None:
+    if (err := settings_error(cfg)) is not None:  # first alone: the frame count below divides by chunk_frames
         raise SystemExit(err)
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")

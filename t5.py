@@ -242,10 +242,6 @@ def tiny_text_encoder(words, dim, text_len, seed=0, lowercase=False):
     return TextEncoder(tok, enc).eval()
 
 
-def _first_file(folder, candidates):
-    return next((folder / c for c in candidates if (folder / c).exists()), None)
-
-
 class TextEncoder(nn.Module):
     """Prompts -> DiT context (B, text_len, dim): encoder output with rows past each prompt's length set to 0."""
 
@@ -268,8 +264,7 @@ class TextEncoder(nn.Module):
     def from_pretrained(cls, folder, dtype=None, device=None, text_len=512):
         """folder: a Wan2.1 root (google/umt5-xxl/tokenizer.json + .pth) or a Diffusers root (tokenizer/, text_encoder/)."""
         folder = Path(folder)
-        tok = _first_file(folder, weights.WAN_FOLDER["tokenizer"])
-        enc = _first_file(folder, weights.WAN_FOLDER["umT5 text encoder"])
+        tok, enc = weights.wan_file(folder, "tokenizer"), weights.wan_file(folder, "umT5 text encoder")
         lost = [w for w, f in (("tokenizer.json (tokenizer/ or google/umt5-xxl/)", tok),
                                (f"encoder weights (text_encoder/ or {weights.WAN_T5_FILE})", enc)) if f is None]
         if lost:

@@ -170,7 +170,7 @@ def resolve(cfg):
     naming it before any model loads (and before torchrun's process group starts). Also resolves them once as the
     stages read them: dtype, negative prompt, networks' files, latent sizes. Returns (cfg, Latent)."""
     from t5 import NEGATIVE_PROMPT, Tokenizer
-    from weights import WAN_FOLDER, CheckpointError
+    from weights import CheckpointError, wan_file
 
     def need(ok, msg):
         if not ok:
@@ -227,18 +227,26 @@ def resolve(cfg):
     if "teacher" not in nets:
         need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)}"
                                    + ("" if cfg.stage == "teacher" else " (or give --teacher)"))
-    net = nets.get("teacher") or PRESETS[cfg.model]
+    net = nets.get("teacher") or PRESETS[cfg.model]  # the network the sizes must fit
     need((err := settings_error(cfg, F, net.rope_max_len)) is None, err)
+    _, ph, pw = net.patch_size
+    need(cfg.height % (ss * ph) == 0 and cfg.width % (ss * pw) == 0,
+         f"--height={cfg.height} --width={cfg.width}: pixels must be multiples of {ss * ph} x {ss * pw} "
+         f"(the VAE's stride {ss} times the network's patch {ph} x {pw})")
+    if cfg.stage == "teacher":  # the toy world's clips
+        need(net.in_dim == 3, f"--model={cfg.model}: the toy world's latents are RGB frames, the preset has "
+                              f"in_dim={net.in_dim}")
+        need(cfg.height == cfg.width, f"toy world frames are square: --height={cfg.height}, --width={cfg.width}")
     if cfg.vae:
         need(os.path.exists(cfg.vae), f"--vae={cfg.vae}: no such file or folder (Wan2.1's VAE: {WAN_WHERE})")
     words = None
     if cfg.text_encoder:
         te = Path(cfg.text_encoder)
-        lost = [what for what, names in WAN_FOLDER.items() if what != "VAE" and not any((te / n).exists() for n in names)]
+        files = {part: wan_file(te, part) for part in ("tokenizer", "umT5 text encoder")}
+        lost = [part for part, f in files.items() if f is None]
         need(te.is_dir() and not lost, f"--text_encoder={te}: {'missing ' + ' and '.join(lost) if te.is_dir() else 'no such folder'}"
                                        f" (a Wan2.1 folder: {WAN_WHERE})")
-        tok = next(te / n for n in WAN_FOLDER["tokenizer"] if (te / n).exists())
-        words = Tokenizer(tok).unknown_words  # a word-level (toy) vocabulary; umT5 knows every word
+        words = Tokenizer(files["tokenizer"]).unknown_words  # a word-level (toy) vocabulary; umT5 knows every word
     prompts = []
     if cfg.stage != "teacher":
         need(cfg.prompts, "--prompts is required: a text file with one prompt per line")
@@ -292,15 +300,6 @@ def load_net(path, what, cfg, proc):
     proc.print(f"{what}: random {cfg.model} (no checkpoint given)")
     torch.manual_seed(cfg.seed)
     return WanModel(PRESETS[cfg.model]).to(proc.device)
-
-
-def check_patch(cfg, lat, net):
-    """Latent rows and columns must be whole patches of the network."""
-    _, ph, pw = net.cfg.patch_size
-    if lat.h % ph or lat.w % pw:
-        s = cfg.height // lat.h
-        raise SystemExit(f"--height={cfg.height} --width={cfg.width}: pixels must be multiples of {s * ph} x {s * pw} "
-                         f"(the VAE's stride {s} times the network's patch {ph} x {pw})")
 
 
 def text_encoder(cfg, prompts, net_cfg, device):
@@ -405,11 +404,6 @@ def train_teacher(cfg, lat, proc):
     dev = proc.device
     torch.manual_seed(cfg.seed)
     teacher = WanModel(PRESETS[cfg.model]).init_weights().to(dev)
-    if teacher.cfg.in_dim != 3:
-        raise SystemExit(f"the toy world's latents are RGB frames: the {cfg.model} preset has in_dim={teacher.cfg.in_dim}")
-    if lat.h != lat.w:
-        raise SystemExit(f"toy world frames are square: --height={cfg.height}, --width={cfg.width}")
-    check_patch(cfg, lat, teacher)
     encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], teacher.cfg, dev)  # the vocabulary, for a tiny one
     teacher.grad_ckpt = cfg.grad_ckpt
     teacher_ema = copy.deepcopy(teacher).requires_grad_(False).eval()
@@ -523,7 +517,6 @@ def train_ode(cfg, lat, proc):
     dev = proc.device
     prompts = read_prompt_file(cfg.prompts)
     teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
-    check_patch(cfg, lat, teacher)
     encode = text_encoder(cfg, prompts, teacher.cfg, dev)
     student = load_net(cfg.student, "student", cfg, proc) if cfg.student else copy.deepcopy(teacher)
     backend = cfg.compile_backend if cfg.compile else None
@@ -589,7 +582,6 @@ def train_redmd(cfg, lat, proc):
     dev = proc.device
     prompts = read_prompt_file(cfg.prompts)
     teacher = load_net(cfg.teacher, "teacher", cfg, proc).requires_grad_(False).eval()
-    check_patch(cfg, lat, teacher)
     encode, decode, reward = text_encoder(cfg, prompts, teacher.cfg, dev), pixel_decoder(cfg, dev), reward_model(cfg, dev)
     student = load_net(cfg.student, "student", cfg, proc) if cfg.student else copy.deepcopy(teacher)
     critic = load_net(cfg.critic, "critic", cfg, proc) if cfg.critic else copy.deepcopy(teacher)

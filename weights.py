@@ -51,6 +51,11 @@ WAN_FOLDER = {
     "VAE": ("vae", WAN_VAE_FILE),
 }
 
+
+def wan_file(folder, part):
+    """Where a part of a Wan2.1 folder (a key of WAN_FOLDER) is: the first of its candidate paths that exists, or None."""
+    return next((Path(folder) / c for c in WAN_FOLDER[part] if (Path(folder) / c).exists()), None)
+
 # -----------------------------------------------------------------------------
 # rename tables: (regex on a stored name, replacement), every row applied in order by `rename`
 
@@ -716,11 +721,11 @@ def main(argv):
         raise SystemExit(f"convert: dst {a.dst!r} must end in .safetensors")
     if os.path.isdir(a.dst):
         raise SystemExit(f"convert: dst {a.dst!r} is a folder; give a file path ending in .safetensors")
+    if not os.path.exists(a.src):
+        raise SystemExit(f"convert: src {a.src!r}: no such file or folder")
     from config import writable_dir
 
     writable_dir(os.path.dirname(os.path.abspath(a.dst)), f"convert: dst {a.dst!r}")  # before reading gigabytes
-    if not os.path.exists(a.src):
-        raise SystemExit(f"convert: src {a.src!r}: no such file or folder")
     try:
         cfg = convert(a.kind, a.src, a.dst, key=a.key, dtype=getattr(torch, a.dtype) if a.dtype else None,
                       lora_alpha=a.lora_alpha, config=a.config)

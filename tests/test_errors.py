@@ -84,6 +84,7 @@ def probes(tmp):
         (train + ["--window_frames=2"], "--window_frames=2"),
         (train + ["--stage=sft"], "--stage=sft: takes teacher, ode or redmd"),
         (train + ["--num_frames=7"], "--num_frames=7: 7 latent frames, not a multiple of --chunk_frames=3"),
+        (train + ["--height=5"], "--height=5 --width=4: pixels must be multiples of 2 x 2"),
         (train + ["--beta=0"], "--beta=0.0: the temperature is > 0"),
         (train + ["--lr_student=0"], "--lr_student=0.0: must be > 0"),
         (train + ["--reward=clip"], "--reward=clip: takes motion, videoalign or none"),
