@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import weights
+from sink import Window
 
 # -----------------------------------------------------------------------------
 # config
@@ -258,6 +259,8 @@ class Block(nn.Module):
         x = x + self.cross_attn(h, *ctx_kv).float().view(B, nF, T, D)
         h = modulate(layer_norm(x, self.eps), shift_f, scale_f)
         x = torch.addcmul(x, gate_f, self.ffn(h.to(self.ffn[0].weight.dtype)).float())
+        if isinstance(cache, Window):  # training: the chunk's new K/V leave as outputs, so that a gradient reaching
+            return x, *cache.new  # them from later chunks passes this block's backward hooks (FSDP unshards there)
         return x
 
 
@@ -290,7 +293,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self.grad_ckpt = False  # recompute each block in backward (not in streaming calls: the cache is mutable)
+        self.grad_ckpt = False  # recompute each block in backward (streaming too, through a training cache)
         self.init_rope()
 
     def init_weights(self):
@@ -402,12 +405,18 @@ class WanModel(nn.Module):
         if chunk_frames is not None:
             chunks = (T, chunk_frames // pt, None if window_frames is None else window_frames // pt, sink_frames // pt)
 
-        ckpt = self.grad_ckpt and cache is None and torch.is_grad_enabled()
+        # checkpointing recomputes each block in backward: a streaming call may be recomputed after later chunks
+        # changed the cache, so it reads the frozen Window of a training cache (sink.py), never a sampling buffer
+        ckpt = self.grad_ckpt and torch.is_grad_enabled() and (cache is None or cache.grad is not None)
         for i, block in enumerate(self.blocks):
+            kv = None if cache is None else cache.window(i)  # what layer i reads from the cache, and writes
             if ckpt:
-                x = torch.utils.checkpoint.checkpoint(block, x, e0, ctx, kvs[i], rope, i, None, chunks, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, e0, ctx, kvs[i], rope, i, kv, chunks, use_reentrant=False)
             else:
-                x = block(x, e0, ctx, kvs[i], rope, i, cache, chunks)
+                x = block(x, e0, ctx, kvs[i], rope, i, kv, chunks)
+            if isinstance(kv, Window):
+                x, k, v = x
+                cache.commit(i, k, v)
 
         # 5. head + unpatchify: channel index ((pt*ph + h)*pw + w)*out_dim + c, c fastest
         y = self.head(x, e).float()  # (B, f, T, pt*ph*pw*out)

@@ -19,6 +19,21 @@ Modes (paper Table 3): 'ema' (default), 'static' (sink = first chunk, never upda
 Positions, write indices and fill level live in small tensors updated between chunks, so the
 model's per-chunk forward has no host sync, no data-dependent shape and no reallocation; it
 compiles once per fill level and never again once the window is full.
+
+Training streams through the same cache, kept differently (`grad='none'` or `'through'`): each slot holds
+its frame's K/V as a tensor that is never written in place (a new chunk or an EMA fold replaces the
+entry), and every call reads a frozen `Window` of them. So a gradient-checkpointed block that is
+recomputed in backward sees exactly the cache its forward saw, however many slots were overwritten
+and sink frames folded since, and autograd can follow the cache from chunk to chunk:
+  - 'none': the cached K/V are constants. A chunk's loss reaches only its own exit-step forward.
+  - 'through': the exact gradient of the rollout. The clean-context pass (t = 0) that writes a chunk's
+    K/V runs with grad, and the EMA folds are differentiable (paper §3.4), so a later chunk's loss
+    reaches every earlier chunk through the K/V it attended to (its t = 0 pass, that chunk's x0, its
+    exit-step forward). The released Self Forcing / Reward Forcing code also lets later losses reach
+    earlier chunks, differently: its exit-step forward writes K/V with grad into the cache in place and
+    the t = 0 pass then overwrites the values under no_grad, so later chunks attend to the t = 0 K/V but
+    their gradient is routed to the exit step's K/V (a straight-through estimate), and its 21-frame
+    training cache never evicts, so no gradient passes an EMA fold.
 """
 
 import torch
@@ -26,6 +41,7 @@ import torch
 from dmd import FlowMatch
 
 MODES = ("ema", "static", "none", "full")
+GRADS = ("none", "through")  # how training's gradient treats the cache (module docstring)
 
 
 def settings_error(s, frames=None, rope_len=None):
@@ -71,12 +87,16 @@ def settings_mismatch(trained, s):
 
 class SinkCache:
     def __init__(self, model, batch, height, width, *, chunk_frames=3, window_frames=9, sink_frames=3, mode="ema",
-                 alpha=0.999, max_frames=None, device=None, dtype=None):
+                 alpha=0.999, max_frames=None, device=None, dtype=None, grad=None):
         """model: a WanModel (sizes, device and dtype are read from it); height, width: latent size.
-        window_frames counts the sink and the current chunk (the paper's 9 = 3 sink + 3 previous + 3 current)."""
+        window_frames counts the sink and the current chunk (the paper's 9 = 3 sink + 3 previous + 3 current).
+        grad: None for sampling (preallocated buffers written in place); 'none' or 'through' for training rollouts
+        with gradient (per-frame tensors, never written in place; see the module docstring)."""
         cfg = model.cfg
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if grad not in (None, *GRADS):
+            raise ValueError(f"grad must be None or one of {GRADS}, got {grad!r}")
         if cfg.patch_size[0] != 1:
             raise ValueError(f"streaming needs a temporal patch of 1, got patch_size={cfg.patch_size}")
         if not 0.0 <= alpha <= 1.0:
@@ -101,15 +121,20 @@ class SinkCache:
         self.latent_shape = (batch, cfg.in_dim, C, height, width)
         L, H, Dh, T = cfg.num_layers, cfg.num_heads, cfg.head_dim, self.T
         kw = dict(device=device, dtype=dtype)
-        self.k = torch.zeros(L, batch, (S + R) * T, H, Dh, **kw)  # un-roped keys: [sink | ring]
-        self.v = torch.zeros(L, batch, (S + R) * T, H, Dh, **kw)
+        self.device, self.dtype, self.grad = device, dtype, grad
+        self.k = self.v = self.sink32 = self.kv = self.sink = None
+        if grad is None:  # sampling: one preallocated buffer per layer, written in place
+            self.k = torch.zeros(L, batch, (S + R) * T, H, Dh, **kw)  # un-roped keys: [sink | ring]
+            self.v = torch.zeros(L, batch, (S + R) * T, H, Dh, **kw)
+            # a low-precision cache cannot hold the EMA: with a = 0.999 the update (1 - a)(K - S) is below
+            # half a bf16 ulp of S and would round away, so the sink's running state is kept in fp32
+            if mode == "ema" and dtype != torch.float32:
+                self.sink32 = torch.zeros(2, L, batch, S * T, H, Dh, device=device, dtype=torch.float32)
+        else:  # training: per layer and slot, the (k, v) of one frame, (B, T, H, Dh) each; replaced, never written
+            self.kv = [[None] * (S + R) for _ in range(L)]
+            self.sink = [[None] * S for _ in range(L)]  # the sink frames' EMA state in fp32 (None: as in kv)
         self.ctx_k = torch.zeros(L, batch, cfg.text_len, H, Dh, **kw)  # the prompt's cross-attention K/V
         self.ctx_v = torch.zeros(L, batch, cfg.text_len, H, Dh, **kw)
-        # a low-precision cache cannot hold the EMA: with a = 0.999 the update (1 - a)(K - S) is below
-        # half a bf16 ulp of S and would round away, so the sink's running state is kept in fp32
-        self.sink32 = None
-        if mode == "ema" and dtype != torch.float32:
-            self.sink32 = torch.zeros(2, L, batch, S * T, H, Dh, device=device, dtype=torch.float32)
         # the clean latents of the ring frames, for re-encoding them under a new prompt (recache)
         self.lat = torch.zeros(batch, cfg.in_dim, R, height, width, device=device, dtype=torch.float32)
         # per-call state read by the model: tensors updated in place, plus one host int
@@ -125,13 +150,13 @@ class SinkCache:
         self._ar_t = torch.arange(T, device=device)
 
     @classmethod
-    def from_settings(cls, model, s, batch, height, width, num_frames=None, dtype=None):
+    def from_settings(cls, model, s, batch, height, width, num_frames=None, dtype=None, grad=None):
         """The cache a script's settings describe, the one way train.py, sample.py and eval.py build it.
         s: any object with chunk_frames, window_frames, sink_frames, sink_mode, alpha (their config);
         height, width: latent size; num_frames: latent frames of the longest video (sizes the 'full' mode)."""
         return cls(model, batch, height, width, chunk_frames=s.chunk_frames, window_frames=s.window_frames,
                    sink_frames=s.sink_frames, mode=s.sink_mode, alpha=s.alpha,
-                   max_frames=num_frames if s.sink_mode == "full" else None, dtype=dtype)
+                   max_frames=num_frames if s.sink_mode == "full" else None, dtype=dtype, grad=grad)
 
     # -- bookkeeping between chunks (eager, a handful of tiny kernels, no host sync) -----------------
 
@@ -150,6 +175,7 @@ class SinkCache:
             self.sink32[0].copy_(self.k[:, :, : S * T])
             self.sink32[1].copy_(self.v[:, :, : S * T])
         self._wrote_sink = f0 < S
+        self.write_slots = [self.slot(g) for g in range(f0, f1)]  # host ints, for the training store
         if self.mode != "full":
             for g in range(max(f0, S), f1):
                 old = g - R  # the frame that held this ring slot
@@ -170,6 +196,13 @@ class SinkCache:
         """EMA of one evicted frame (ring slot src_slot) into sink frame dst, every layer at once (paper Eq. 4-5:
         S_K <- a S_K + (1 - a) K_evicted, and S_V alike)."""
         T, a = self.T, self.alpha
+        if self.kv is not None:  # training: new tensors, so autograd can follow the fold ('through')
+            for kv, sink in zip(self.kv, self.sink):
+                ek, ev = kv[src_slot]
+                sk, sv = sink[dst] if sink[dst] is not None else kv[dst]
+                sink[dst] = (torch.lerp(sk.float(), ek.float(), 1 - a), torch.lerp(sv.float(), ev.float(), 1 - a))
+                kv[dst] = (sink[dst][0].to(ek.dtype), sink[dst][1].to(ev.dtype))
+            return
         src = slice(src_slot * T, (src_slot + 1) * T)
         dst_rows = slice(dst * T, (dst + 1) * T)
         if self.sink32 is None:
@@ -189,23 +222,36 @@ class SinkCache:
 
     # -- called by the model inside forward ---------------------------------------------------------
 
+    def window(self, layer):
+        """What layer `layer` of the next forward reads and writes: the cache itself when sampling (update() writes
+        the buffers in place), a frozen Window of the current entries when training."""
+        if self.kv is None:
+            return self
+        slots = self.write_slots  # entries the chunk replaces are not read: None, so nothing stale is held
+        return Window(tuple(None if s in slots else e for s, e in enumerate(self.kv[layer][: self.n_frames])),
+                      slots, self.T, self.dtype)
+
+    def commit(self, layer, k, v):
+        """Training, after layer `layer` ran: its new K/V (B, C*T, H, Dh), as the block returned them, become the
+        entries of the chunk's slots (detached for grad='none')."""
+        if self.grad == "none":
+            k, v = k.detach(), v.detach()
+        T = self.T
+        for i, s in enumerate(self.write_slots):
+            self.kv[layer][s] = (k[:, i * T : (i + 1) * T], v[:, i * T : (i + 1) * T])
+            if s < self.S:
+                self.sink[layer][s] = None  # a sink frame written anew: its EMA state starts from it
+
     def update(self, layer, k, v):
-        """Write the current chunk's un-roped K/V (B, C*T, H, Dh) into its rows of this layer and return
+        """Sampling: write the current chunk's un-roped K/V (B, C*T, H, Dh) into its rows of this layer and return
         the keys and values attention reads: (B, n_frames*T, H, Dh), [sink | window], chunk included (paper
-        Eq. 6-7: K_global = [S_K; K_window], V alike).
-        With grad (training's exit step) the buffer gets a detached copy and the returned tensors are
-        out-of-place, so the gradient reaches k and v while the cached context stays detached."""
-        n = self.n_frames * self.T
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # under autocast the norms may hand back fp32
+        Eq. 6-7: K_global = [S_K; K_window], V alike). Views of the buffers: no copy."""
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            idx = self.write_idx.clone()  # autograd keeps the index; advance() rewrites write_idx in place
-            self.k[layer].index_copy_(1, idx, k.detach())
-            self.v[layer].index_copy_(1, idx, v.detach())
-            k_all = self.k[layer].index_copy(1, idx, k)
-            v_all = self.v[layer].index_copy(1, idx, v)
-            return k_all[:, :n], v_all[:, :n]
-        self.k[layer].index_copy_(1, self.write_idx, k)
-        self.v[layer].index_copy_(1, self.write_idx, v)
+            raise RuntimeError("a forward with grad through a sampling cache: build the cache with grad='none' or "
+                               "'through' (training's rollout), whose entries autograd can keep")
+        n = self.n_frames * self.T
+        self.k[layer].index_copy_(1, self.write_idx, k.to(self.k.dtype))  # autocast's norms may hand back fp32
+        self.v[layer].index_copy_(1, self.write_idx, v.to(self.v.dtype))
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     # -- prompts ------------------------------------------------------------------------------------
@@ -242,6 +288,27 @@ class SinkCache:
                             self.q_fpos, self.k_fpos) if t is not None]
 
 
+class Window:
+    """One layer's cache as one training forward sees it: the entries of slots [0, n_frames), frozen (a tuple of
+    tensors nobody writes), the slots the chunk writes, and, once update() ran, the chunk's new K/V, which the block
+    returns for SinkCache.commit(). A gradient-checkpointed block keeps the Window as an argument and replays update()
+    on it in backward, so its recomputation attends to what the forward attended to."""
+
+    def __init__(self, entries, slots, T, dtype):
+        self.entries, self.slots, self.T, self.dtype = entries, slots, T, dtype
+        self.new = None
+
+    def update(self, layer, k, v):
+        """k, v (B, C*T, H, Dh) un-roped, with grad -> the keys and values attention reads, (B, n_frames*T, H, Dh)
+        in slot order like the sampling buffers: the entries, with the chunk's frames at its slots."""
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        self.new = (k, v)  # a recomputation in backward sets it again; only the forward's is committed
+        T, at = self.T, {s: i for i, s in enumerate(self.slots)}
+        ks = [k[:, at[s] * T : (at[s] + 1) * T] if s in at else e[0] for s, e in enumerate(self.entries)]
+        vs = [v[:, at[s] * T : (at[s] + 1) * T] if s in at else e[1] for s, e in enumerate(self.entries)]
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
 # -----------------------------------------------------------------------------
 # the rollout
 
@@ -258,15 +325,17 @@ def rollout(model, cache, num_chunks, *, context=None, timesteps=None, noise=Non
     parameters only exist inside forward); None uses the K/V cached by cache.set_prompt (sampling).
     timesteps: the student's warped schedule (default FlowMatch(5).timesteps() = 1000, 937.5, 833.3, 625).
     noise: optional (B, C_in, num_chunks * chunk_frames, h, w) initial noise; drawn per chunk otherwise.
-    exit_step: training's stochastic truncation. Steps before it run without grad, the exit step keeps
-    grad and its x0 prediction is the chunk's output; the cache pass never has grad, so no gradient
-    crosses chunks (the cached context is detached)."""
+    exit_step: training's stochastic truncation (Self Forcing). Steps before it run without grad, the exit step
+    keeps grad and its x0 prediction is the chunk's output. The cache pass runs with grad only for a cache built
+    with grad='through', whose later chunks' losses then reach this chunk through the K/V it writes; with
+    grad='none' the cached context is constant."""
     fm = FlowMatch()
     ts = fm.timesteps() if timesteps is None else list(timesteps)
     last = len(ts) - 1 if exit_step is None else exit_step
     B, Cin, C, h, w = cache.latent_shape
-    dev = cache.k.device
+    dev = cache.device
     dtype = next(model.parameters()).dtype
+    through = cache.grad == "through" and torch.is_grad_enabled()
 
     def randn():
         return torch.randn(B, Cin, C, h, w, device=dev, generator=generator)
@@ -281,7 +350,7 @@ def rollout(model, cache, num_chunks, *, context=None, timesteps=None, noise=Non
                 x0 = fm.x0_from_v(x, v, ts[j])
             if j < last:
                 x = fm.add_noise(x0.detach(), randn(), ts[j + 1])
-        with torch.no_grad():
-            model(x0.detach().to(dtype), torch.zeros(B, device=dev), context, cache=cache)
+        with torch.set_grad_enabled(through):  # the clean chunk at t = 0 writes the K/V later chunks attend to
+            model((x0 if through else x0.detach()).to(dtype), torch.zeros(B, device=dev), context, cache=cache)
         cache.keep_latents(x0.detach())
         yield x0

@@ -57,7 +57,7 @@ from config import cli, configure, opt, pick_device, pick_dtype, read_prompt_fil
 from dmd import FlowMatch
 from model import PRESETS, WanConfig, WanModel
 from plumbing import Proc, StageDir, checkpoints, grad_sync, item, latest_checkpoint, resume_point, unwrap
-from sink import SinkCache, rollout, settings_error
+from sink import GRADS, SinkCache, rollout, settings_error
 from weights import VIDEOALIGN_WHERE, WAN_WHERE
 
 
@@ -84,6 +84,9 @@ class TrainConfig:
     sink_frames: int = opt(3, "sink size in latent frames")
     sink_mode: str = opt("ema", "cache mode: ema | static | none | full (paper Table 3)")
     alpha: float = opt(0.999, "EMA momentum of the sink (paper Eq. 4-5)")
+    cache_grad: str = opt("through", "gradient through the rollout's cache: through (exact: later chunks' losses reach "
+                                     "earlier chunks via the K/V and sink folds they attend to) | none (cached context "
+                                     "is constant; cheaper)")
     student_steps: list[int] = opt(factory=lambda: [1000, 750, 500, 250],
                                    help="student timesteps before the shift (repeat the flag)")
     student_shift: float = opt(5.0, "sigma shift of the student's schedule and of DMD's timesteps")
@@ -127,7 +130,9 @@ class TrainConfig:
     dtype: str = opt("auto", "autocast dtype: float32 | bfloat16 | float16 | auto (bf16 on an accelerator, fp32 on CPU)")
     compile: bool = opt(False, "torch.compile the networks")
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: quick checks)")
-    grad_ckpt: bool = opt(False, "gradient checkpointing of the bidirectional / chunk-causal forwards")
+    grad_ckpt: bool = opt(False, "gradient checkpointing of every block: teacher pretraining, the ODE stage, the "
+                                 "critic and the student's streaming rollout (exact: recomputation reads the cache "
+                                 "the forward read)")
     seed: int = opt(0, "all randomness derives from (seed, step, rank): resume is exact")
     log_interval: int = opt(1, "iterations between log lines")
     save_interval: int = opt(100, "iterations between checkpoints (and one at the end)")
@@ -178,6 +183,7 @@ def resolve(cfg):
 
     need(cfg.stage in ("teacher", "ode", "redmd"), f"--stage={cfg.stage}: takes teacher, ode or redmd")
     need(cfg.dist in ("ddp", "fsdp"), f"--dist={cfg.dist}: takes ddp or fsdp")
+    need(cfg.cache_grad in GRADS, f"--cache_grad={cfg.cache_grad}: takes {' or '.join(GRADS)}")
     dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")  # 'auto' -> a name
     need((err := settings_error(cfg)) is None, err)
     for name in ("max_iters", "batch_size", "grad_accum", "student_every", "save_interval", "log_interval",
@@ -588,7 +594,7 @@ def train_redmd(cfg, lat, proc):
     critic.requires_grad_(True).train()
     student.requires_grad_(True).train()
     student_ema = copy.deepcopy(student).requires_grad_(False).eval()
-    critic.grad_ckpt = cfg.grad_ckpt
+    critic.grad_ckpt = student.grad_ckpt = cfg.grad_ckpt
     backend = cfg.compile_backend if cfg.compile else None  # wrap after every copy: FSDP converts a module in place
     student, critic = proc.wrap(student, True, backend), proc.wrap(critic, True, backend)
     student_ema, teacher = proc.wrap(student_ema, False, backend), proc.wrap(teacher, False, backend)
@@ -604,10 +610,12 @@ def train_redmd(cfg, lat, proc):
     neg = encode([cfg.negative_prompt])  # (1, L, D)
 
     def generate(ctx, exit_step, g):
-        """Self-forcing rollout through the sampling cache (EMA-Sink, paper §3.2) -> x (B, C, F, h, w); with grad
-        through each chunk's exit-step forward only, unless called under torch.no_grad()."""
+        """Self-forcing rollout through the sampling cache (EMA-Sink, paper §3.2) -> x (B, C, F, h, w). With grad:
+        through each chunk's exit-step forward, and with --cache_grad=through also through the K/V later chunks
+        read (each chunk's clean t = 0 pass and the sink's EMA folds); under torch.no_grad() a sampling cache."""
+        grad = cfg.cache_grad if torch.is_grad_enabled() else None
         cache = SinkCache.from_settings(unwrap(student), cfg, ctx.shape[0], lat.h, lat.w, num_frames=lat.F,
-                                        dtype=getattr(torch, cfg.dtype))
+                                        dtype=getattr(torch, cfg.dtype), grad=grad)
         with autocast(cfg, dev):
             chunks = rollout(student, cache, lat.F // cfg.chunk_frames, context=ctx,
                              timesteps=fm.timesteps(cfg.student_steps), exit_step=exit_step, generator=g)

@@ -244,27 +244,126 @@ def test_recache_reencodes_window_under_new_prompt(model):
 
 
 def test_rollout_exit_step_gradient(model):
-    """Steps before the exit run without grad, the exit step has grad, the cache stays detached,
-    and the numbers equal a no-grad rollout with the same noise."""
+    """Steps before the exit run without grad, the exit step has grad, and the numbers equal a no-grad rollout
+    (through the sampling cache) with the same noise, whatever the cache's gradient setting."""
     B, h, w = 1, 2, 4
     m = copy.deepcopy(model).train()
     outs = {}
-    for exit_step in (None, 3):
-        cache = SinkCache(m, B, h, w)
-        cache.set_prompt(m, ctx(B))
-        outs[exit_step] = list(rollout(m, cache, 4, exit_step=exit_step, generator=torch.Generator().manual_seed(0)))
-        assert not cache.k.requires_grad and not cache.v.requires_grad
-    assert all(x.requires_grad for x in outs[3]) and not any(x.requires_grad for x in outs[None])
-    for a, b in zip(outs[3], outs[None]):
-        assert (a.detach() - b).abs().max() < 1e-5
-    loss = sum(x.square().mean() for x in outs[3])
+    for exit_step, grad in ((None, None), (3, "none"), (3, "through")):
+        cache = SinkCache(m, B, h, w, grad=grad)
+        outs[grad] = list(rollout(m, cache, 4, context=ctx(B), exit_step=exit_step,
+                                  generator=torch.Generator().manual_seed(0)))
+    assert all(x.requires_grad for x in outs["none"]) and not any(x.requires_grad for x in outs[None])
+    for grad in ("none", "through"):
+        for a, b in zip(outs[grad], outs[None]):
+            assert (a.detach() - b).abs().max() < 1e-5
+    loss = sum(x.square().mean() for x in outs["none"])
     loss.backward()
     assert m.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
     # an earlier exit yields that step's x0 prediction: different numbers, still with grad
-    cache = SinkCache(m, B, h, w)
-    cache.set_prompt(m, ctx(B))
-    early = next(rollout(m, cache, 1, exit_step=1, generator=torch.Generator().manual_seed(0)))
+    cache = SinkCache(m, B, h, w, grad="none")
+    early = next(rollout(m, cache, 1, context=ctx(B), exit_step=1, generator=torch.Generator().manual_seed(0)))
     assert early.requires_grad and (early.detach() - outs[None][0]).abs().max() > 1e-3
+    # the sampling cache writes in place: training through it is refused, not silently wrong
+    with pytest.raises(RuntimeError, match="grad='none' or 'through'"):
+        next(rollout(m, SinkCache(m, B, h, w), 1, context=ctx(B), exit_step=0))
+
+
+# -- gradients of training rollouts: a window that evicts and folds after every chunk's exit step -----------------
+
+N_CHUNKS = 5
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    return copy.deepcopy(model).double().train()
+
+
+def probe_loss(net, grad, exit_step, model64):
+    """A fixed random projection of a 5-chunk training rollout. Window 6 = sink 3 + ring 3: from chunk 2 on, every
+    chunk overwrites the previous chunk's ring slots and folds them into the sink (alpha 0.7), after that chunk's
+    exit step ran; so a checkpointed recomputation that read the live cache would see other K/V."""
+    cache = SinkCache(model64, 1, 2, 4, window_frames=6, sink_frames=3, alpha=0.7, grad=grad)
+    noise = torch.randn(1, 16, 3 * N_CHUNKS, 2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.cat(list(rollout(net, cache, N_CHUNKS, context=ctx(1).double(), exit_step=exit_step, noise=noise,
+                               generator=torch.Generator().manual_seed(2))), dim=2)
+    return (x * torch.arange(x.numel(), dtype=x.dtype).view_as(x).sin()).sum()
+
+
+def grads(model64, grad, exit_step, ckpt):
+    model64.grad_ckpt = ckpt
+    model64.zero_grad()
+    try:
+        probe_loss(model64, grad, exit_step, model64).backward()
+    finally:
+        model64.grad_ckpt = False
+    return {k: p.grad.clone() for k, p in model64.named_parameters()}
+
+
+@pytest.mark.parametrize("grad", ["none", "through"])
+def test_checkpointed_rollout_gradients_equal_eager(model64, grad):
+    """Gradient checkpointing of the streaming forwards changes no gradient: every block recomputed in backward reads
+    the Window its forward read, although the slots have been overwritten and the sink folded since."""
+    eager, ckpt = grads(model64, grad, 2, False), grads(model64, grad, 2, True)
+    assert max(eager[k].abs().max() for k in eager) > 1
+    for k in eager:
+        assert torch.equal(eager[k], ckpt[k]), k
+
+
+class Replay(torch.nn.Module):
+    """The rollout as a function of the parameters where only forwards run with grad depend on them: those use
+    theta + h d; a forward without grad replays the base run's input and output (its cache writes still happen,
+    from the base input). Its derivative in h is what autograd must return for d . grad (no cache code involved)."""
+
+    def __init__(self, net, d=None, h=0.0, record=None):
+        super().__init__()
+        self.net, self.d, self.h, self.record, self.i = net, d, h, record, 0
+
+    def forward(self, x, t, context, cache):
+        if self.d is None:  # the base run: record what every forward without grad saw and returned
+            out = self.net(x, t, context, cache=cache)
+            if not torch.is_grad_enabled():
+                self.record.append((x, out))
+            return out
+        if torch.is_grad_enabled():
+            ps = {k: p + self.h * self.d[k] for k, p in self.net.named_parameters()}
+            return torch.func.functional_call(self.net, ps, (x, t, context), dict(cache=cache))
+        x0, out0 = self.record[self.i]
+        self.i += 1
+        self.net(x0, t, context, cache=cache)
+        return out0
+
+
+@pytest.mark.parametrize("exit_step", [0, 2])
+def test_cache_grad_against_finite_differences(model64, exit_step):
+    """Both cache-gradient settings against central differences (Richardson-extrapolated; the model's fp32 time path
+    and residual stream limit them to ~1e-5) of the rollout with only its grad-enabled forwards perturbed. 'none'
+    runs the t = 0 cache pass without grad on a detached x0, so the cache is a constant; 'through' runs it with grad,
+    so the difference quotient also moves every later chunk's context, sink folds included."""
+    gen = torch.Generator().manual_seed(5)
+    d = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in model64.named_parameters()}
+    got = {}
+    for grad in ("none", "through"):
+        g = grads(model64, grad, exit_step, True)
+        auto = sum((g[k] * d[k]).sum().item() for k in g)
+        record = []
+
+        def quotient(h):
+            plus = probe_loss(Replay(model64, d, h, record), grad, exit_step, model64).item()
+            minus = probe_loss(Replay(model64, d, -h, record), grad, exit_step, model64).item()
+            return (plus - minus) / (2 * h)
+
+        # grad mode stays on (the rollout turns it on for exactly the forwards that differentiate), nothing requires it
+        model64.requires_grad_(False)
+        try:
+            probe_loss(Replay(model64, record=record), grad, exit_step, model64)
+            fd = (4 * quotient(2e-3) - quotient(4e-3)) / 3
+        finally:
+            model64.requires_grad_(True)
+        assert auto == pytest.approx(fd, rel=1e-4), grad
+        got[grad] = auto
+    # the two settings are different gradients (by more than the check's resolution)
+    assert abs(got["none"] - got["through"]) > 1e-2 * abs(got["through"])
 
 
 def test_student_timesteps():
