@@ -3,11 +3,14 @@ Qwen2-VL-2B as VideoAlign's video reward model uses it, written from scratch: th
 the reward head, and the video preprocessing (qwen-vl-utils' frame sampling and resizing, the processor's patch
 layout). reward.py wraps it into the reward Re-DMD trains with.
 
-Facts about the released model (VideoAlign's public code, github.com/KlingAIResearch/VideoAlign, and its checkpoint
-on Hugging Face, KwaiVGI/VideoReward):
+Facts about the released model (VideoAlign's public code, GitHub KlingAIResearch/VideoAlign, and its checkpoint on
+Hugging Face, KlingTeam/VideoReward, formerly KwaiVGI/VideoReward):
   - Qwen2-VL-2B-Instruct; the vision tower fully tuned; LoRA (r 64, alpha 128) on the Linear layers of the language
     model (lm_head, rm_head, embed_tokens and visual excluded); three added tokens <|VQ_reward|> <|MQ_reward|>
-    <|TA_reward|> (ids 151657-151659, embedding resized to 151660 rows); rm_head = Linear(1536 -> 1, no bias).
+    <|TA_reward|> (ids 151657-151659, embedding resized to 151660 rows); rm_head = Linear(1536 -> N, no bias), read
+    at the three reward tokens in order of position: N = 1 in the release (token i's one output is score i), N = 3
+    in VideoAlign's training script (token i's output i, the diagonal of the 3x3). The loader takes N from the
+    tensor (weights.videoalign).
   - Its forward calls the language model with position_ids=None, which (in the transformers version it was trained
     with) means plain 1-D positions 0..L-1 for every token, vision tokens included: no multimodal 3-D RoPE. The
     vision tower keeps its own 2-D RoPE.
@@ -53,7 +56,7 @@ class QwenVLConfig:
     eps: float = 1e-6
     rope_theta: float = 1e6
     # reward head and the token ids it relies on
-    reward_dim: int = 1  # rm_head's outputs: 1 (one score per reward token, VideoAlign) or 3 (read the diagonal)
+    reward_dim: int = 1  # rm_head's width, read from the checkpoint: 1 (one score per reward token) or 3 (diagonal)
     video_token_id: int = 151656  # <|video_pad|>
     reward_token_ids: tuple = (151657, 151658, 151659)
 
@@ -304,7 +307,8 @@ class VideoAlignModel(nn.Module):
         return pos.sort(dim=1).values[:, :3]
 
     def forward(self, input_ids, pixel_values, grid_thw):
-        """-> (B, 3) fp32 raw [VQ, MQ, TA]: rm_head read at the three reward tokens."""
+        """-> (B, 3) fp32 raw [VQ, MQ, TA]: rm_head read at the three reward tokens; with width 3, score i is output i
+        at reward token i (VideoAlign's diagonal)."""
         h = self.hidden_states(input_ids, pixel_values, grid_thw)
         pos = self.reward_positions(input_ids)  # (B, 3)
         r = self.rm_head(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))  # (B, 3, reward_dim)
@@ -312,16 +316,19 @@ class VideoAlignModel(nn.Module):
         return r.float()
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, config=None, lora_alpha=None):
-        """Load VideoAlign's official `model.pth` (its LoRA merged on the fly) or a `.safetensors` written by
-        `python weights.py convert videoalign` (the normal path): strictly, one tensor at a time onto the meta-built
-        model. config: QwenVLConfig or preset name for a checkpoint that does not state its sizes (default
-        qwen2-vl-2b)."""
+    def from_pretrained(cls, path, dtype=None, device=None, config=None, lora_alpha=None, norm=None):
+        """Load VideoAlign's official `model.pth` (its LoRA merged on the fly, in fp32, cast once to `dtype`) or a
+        `.safetensors` written by `python weights.py convert videoalign` (the normal path): strictly, one tensor at a
+        time onto the meta-built model. dtype: a torch dtype, or None to keep the stored one. config: QwenVLConfig or
+        preset name for a checkpoint that does not state its sizes (default qwen2-vl-2b; the rm_head width is always
+        read from the file). norm: the score statistics the caller normalises with, refused if model_config.json's
+        inference_config states others (reward.VideoAlignReward passes its REWARD_NORM)."""
         if isinstance(config, str):
             if config not in QWEN_PRESETS:
                 raise ValueError(f"unknown config {config!r}; presets are {sorted(QWEN_PRESETS)}")
             config = QWEN_PRESETS[config]
-        ckpt, cfg = weights.videoalign(path, QwenVLConfig, QWEN_PRESETS["qwen2-vl-2b"], config, lora_alpha)
+        ckpt, cfg = weights.videoalign(path, QwenVLConfig, QWEN_PRESETS["qwen2-vl-2b"], config, lora_alpha,
+                                       dtype=dtype, norm=norm)
         name = next((n for n, c in QWEN_PRESETS.items() if c == cfg), None)
         return weights.build(cls, cfg, ckpt, f"a VideoAlignModel ({f'preset {name!r}' if name else cfg})", dtype, device)
 

@@ -10,7 +10,8 @@ samples): beta = 1/2 then means a one-sigma better video counts e^2 = 7.4x more.
   Enough to run Re-DMD end to end and to favour dynamic videos in toy experiments.
 - VideoAlignReward: the paper's reward, VideoAlign's motion quality (MQ) from its Qwen2-VL-2B reward model (the
   network is qwen2vl.py; here: the chat format, the prompt template and the score). r = (MQ - 1.1646) / 1.3811,
-  VideoAlign's own normalisation; `.score()` also gives VQ and TA.
+  VideoAlign's own normalisation (a checkpoint whose model_config.json states other statistics is refused);
+  `.score()` also gives VQ and TA.
 
     python weights.py convert videoalign checkpoint-11352/model.pth videoalign.safetensors   # once, then load that
 """
@@ -65,7 +66,10 @@ class MotionReward:
 #   - The reward tokens are not appended by code: they sit inside the prompt template (VideoAlign's
 #     `DETAILED_PROMPT_WITH_SPECIAL_TOKEN`, template type "detailed_special"), one after each rating request. The head
 #     is read at the three of them in order of position, which in that template is [VQ, MQ, TA].
-#   - Scores are z-scored with VideoAlign's published statistics (its inference_config): MQ z = (MQ - 1.1646) / 1.3811.
+#   - Scores are z-scored with VideoAlign's published statistics, MQ z = (MQ - 1.1646) / 1.3811. Its inference code
+#     reads them from model_config.json's inference_config ("VQ_mean", "VQ_std", "MQ_mean", ...); when the file states
+#     them, the loader checks them against these constants and refuses a difference (weights.check_norm): Re-DMD's
+#     weights exp(r / beta) depend on the scale of r.
 
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 REWARD_NAMES = ("VQ", "MQ", "TA")
@@ -111,8 +115,9 @@ class QwenChat:
 def read_template(path):
     """The prompt template is part of the checkpoint's training contract: VideoAlign's DETAILED_PROMPT_WITH_SPECIAL_TOKEN
     text, read verbatim from a file the user provides. Refuse rather than score with another text."""
-    how = ("save VideoAlign's template verbatim, from a clone of github.com/KwaiVGI/VideoAlign: python -c \"import "
-           "prompt_template as p; open('videoalign_template.txt', 'w').write(p.DETAILED_PROMPT_WITH_SPECIAL_TOKEN)\"")
+    how = ("save VideoAlign's template verbatim, from a clone of github.com/KlingAIResearch/VideoAlign: "
+           "python -c \"import prompt_template as p; "
+           "open('videoalign_template.txt', 'w').write(p.DETAILED_PROMPT_WITH_SPECIAL_TOKEN)\"")
     if path is None:
         raise ValueError(f"VideoAlign needs its prompt template file and none was given; {how}")
     if not os.path.isfile(path):
@@ -153,7 +158,8 @@ class VideoAlignReward:
     @classmethod
     def from_pretrained(cls, ckpt_path, tokenizer_json, template_file, dtype=None, device=None, fps=16, lora_alpha=None):
         template = read_template(template_file)  # refuse before reading 5 GB of weights
-        model = VideoAlignModel.from_pretrained(ckpt_path, dtype=dtype, device=device, lora_alpha=lora_alpha)
+        model = VideoAlignModel.from_pretrained(ckpt_path, dtype=dtype, device=device, lora_alpha=lora_alpha,
+                                                norm=REWARD_NORM)
         return cls(model, QwenChat(tokenizer_json, model.cfg), template, fps=fps)
 
     def inputs(self, pixels, prompts):

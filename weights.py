@@ -39,8 +39,9 @@ class CheckpointError(ValueError):
 DIT_WHERE = ("a Wan2.1 DiT checkpoint: a folder of Wan-AI/Wan2.1-T2V-1.3B (or -Diffusers), or a .safetensors / .pt "
              "file such as rewardforcing.pt (JaydenLu666/Reward-Forcing-T2V-1.3B)")
 WAN_WHERE = "Hugging Face repos Wan-AI/Wan2.1-T2V-1.3B (Wan layout) or Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-VIDEOALIGN_WHERE = ("Hugging Face KwaiVGI/VideoReward (now also KlingTeam/VideoReward): checkpoint-11352/model.pth "
-                    "(+ model_config.json)")
+VIDEOALIGN_WHERE = ("Hugging Face KlingTeam/VideoReward (formerly KwaiVGI/VideoReward; code: GitHub "
+                    "KlingAIResearch/VideoAlign): checkpoint-11352/model.pth, with model_config.json in the folder "
+                    "above it")
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 # what a Wan2.1-T2V folder holds beside the DiT, each as its candidate paths in order of preference (Diffusers
@@ -140,6 +141,12 @@ QWEN_NEWER = [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "vi
 QWEN_DROP = r"^lm_head\.|inv_freq$"  # the LM head (a clone of the embedding, unused by the reward); buffers
 LORA_KEY = re.compile(r"^(.*)\.lora_(A|B|embedding_A|embedding_B)\.([^.]+?)(\.weight)?$")
 LORA_ALPHA = 128  # VideoAlign's training config (r 64, alpha 128); model_config.json, when present, says so itself
+# rm_head widths VideoAlign's forward reads at its three reward tokens: 1 = one score per token (the release), 3 = token
+# i's output i, the diagonal (its training script's --output_dim 3). Other widths give it 3 * N numbers it never names.
+VIDEOALIGN_WIDTHS = (1, 3)
+# model_config.json's inference_config holds the score statistics as "<VQ|MQ|TA>_mean" / "_std"; the built-in
+# constants are the published values to 4 decimals, so a value that rounds to them is the same normalisation
+NORM_TOLERANCE = 5e-5
 
 # -----------------------------------------------------------------------------
 # the reader
@@ -593,11 +600,14 @@ def vae_config_from_shapes(cls, shapes, src):
 # VideoAlign's reward model: Qwen2-VL-2B + LoRA + rm_head (qwen2vl.py)
 
 
-def merge_lora(sd, alpha, src, use_rslora=False, rank=None):
+def merge_lora(sd, alpha, src, use_rslora=False, rank=None, dtype=None):
     """PEFT LoRA -> plain weights: X.base_layer.{weight,bias} + X.lora_A.<adapter>.weight (r, in) +
-    X.lora_B.<adapter>.weight (out, r) -> X.weight = W + s B A, s = alpha / r (alpha / sqrt(r) with rsLoRA), computed
-    in fp32 and cast back to W's dtype. An embedding LoRA (lora_embedding_A (r, vocab), _B (dim, r)) adds s (B A)^T.
-    PEFT's modules_to_save copies replace their originals. rank: the r the config states, checked against A."""
+    X.lora_B.<adapter>.weight (out, r) -> X.weight = W + s (B A), s = alpha / r (alpha / sqrt(r) with rsLoRA). The sum
+    is computed in fp32 and cast once, to `dtype` (the dtype the model is being loaded in) or, when None, to W's stored
+    dtype: casting to W's dtype first (bf16 in VideoAlign's pickle) and to the model's dtype after would round the
+    merged weight to bf16 even for an fp32 model. An embedding LoRA (lora_embedding_A (r, vocab), _B (dim, r)) adds
+    s (B A)^T. PEFT's modules_to_save copies replace their originals. rank: the r the config states, checked
+    against A."""
     out, lora, adapters = {}, {}, set()
     for k, v in sd.items():
         m = LORA_KEY.match(k)
@@ -619,27 +629,85 @@ def merge_lora(sd, alpha, src, use_rslora=False, rank=None):
             raise CheckpointError(f"{src}: LoRA of {base!r} has rank {r} but model_config.json says lora_r={rank}")
         delta = (alpha / (math.sqrt(r) if use_rslora else r)) * (B @ A)
         W = out[f"{base}.weight"]
-        out[f"{base}.weight"] = (W.float() + (delta.T if kind else delta)).to(W.dtype)
+        out[f"{base}.weight"] = (W.float() + (delta.T if kind else delta)).to(dtype or W.dtype)
     return out
 
 
-def lora_config(ckpt_file):
-    """VideoAlign's model_config.json (beside checkpoint-NNNN/ or the file) -> its peft_lora_config dict, or {}."""
+def videoalign_json(ckpt_file):
+    """VideoAlign's model_config.json for a checkpoint file -> (its path, its contents), or (None, {}). VideoAlign
+    writes it into its output folder, the one holding checkpoint-NNNN/; looked for beside the file, then one up."""
     d = os.path.dirname(os.path.abspath(ckpt_file))
     for folder in (d, os.path.dirname(d)):
         f = os.path.join(folder, "model_config.json")
         if os.path.isfile(f):
-            return read_json(f).get("peft_lora_config", {}) or {}
-    return {}
+            js = read_json(f)
+            if not isinstance(js, dict):
+                raise CheckpointError(f"{f}: expected a JSON object (VideoAlign's model_config.json), got "
+                                      f"{type(js).__name__}")
+            return f, js
+    return None, {}
 
 
-def videoalign(path, cls, default_cfg, cfg=None, lora_alpha=None):
+def json_section(js, name, src):
+    """One section of model_config.json as a dict ({} when absent or null)."""
+    sec = js.get(name) or {}
+    if not isinstance(sec, dict):
+        raise CheckpointError(f"{src}: {name} should be a JSON object, got {sec!r}")
+    return sec
+
+
+def check_norm(src, js, norm):
+    """model_config.json's inference_config against the statistics the reward z-scores with (`norm`: name -> (mean,
+    std)). A key the file states must agree: another normalisation would silently rescale r and so change Re-DMD's
+    weights exp(r / beta). A key it does not state leaves the built-in value."""
+    stated = json_section(js, "inference_config", src)
+    for name, pair in norm.items():
+        for key, want in zip((f"{name}_mean", f"{name}_std"), pair):
+            if key not in stated:
+                continue
+            got = stated[key]
+            if isinstance(got, bool) or not isinstance(got, (int, float)) or abs(got - want) > NORM_TOLERANCE:
+                raise CheckpointError(f"{src}: inference_config {key} = {got!r} but the reward normalises with {key} = "
+                                      f"{want} (reward.REWARD_NORM); another normalisation changes Re-DMD's weights "
+                                      "exp(r / beta), so this checkpoint is refused")
+
+
+def reward_width(shapes, src, js, json_src):
+    """rm_head's output width, from the tensor, checked against model_config.json's model_config.output_dim (the
+    width VideoAlign built the head with) and against the widths its forward can read. None without an rm_head
+    (the strict check then names it as missing)."""
+    if "rm_head.weight" not in shapes:
+        return None
+    width = shapes["rm_head.weight"][0]
+    model_cfg = json_section(js, "model_config", json_src)
+    stated = model_cfg.get("output_dim")
+    if stated is not None and stated != width:
+        raise CheckpointError(f"{json_src}: model_config.output_dim = {stated!r} but {src} has an rm_head of width "
+                              f"{width} (rm_head.weight {shapes['rm_head.weight']}); the two files do not belong "
+                              "together")
+    if model_cfg.get("use_special_tokens") is False:  # then VideoAlign pools the last or mean token instead
+        raise CheckpointError(f"{json_src}: model_config.use_special_tokens = false; the reward reads the head at "
+                              "<|VQ_reward|> <|MQ_reward|> <|TA_reward|>, which only a model trained with them has")
+    if width not in VIDEOALIGN_WIDTHS:
+        raise CheckpointError(f"{src}: rm_head.weight {shapes['rm_head.weight']} has width {width}; VideoAlign reads "
+                              "width 1 (one score per reward token) or 3 (output i at reward token i)")
+    return width
+
+
+def videoalign(path, cls, default_cfg, cfg=None, lora_alpha=None, dtype=None, norm=None):
     """VideoAlign's checkpoint -> (Tensors with our names, LoRA merged, lm_head dropped; cls config). Accepted: the
     official torch pickle `model.pth` (PEFT-wrapped), its checkpoint-NNNN/ folder, VideoAlign's root folder (latest
-    checkpoint-NNNN/), or a .safetensors written by `convert` (its config in the metadata). LoRA alpha: `lora_alpha`,
-    else model_config.json's peft_lora_config, else 128. cfg: sizes for a file that does not state them
-    (default `default_cfg`, Qwen2-VL-2B). The key layout (PEFT's `base_model.model.` prefix, `.base_layer.`,
-    `lora_A/B.default`) follows the PEFT version VideoAlign trained with; the real model.pth was not available here.
+    checkpoint-NNNN/), or a .safetensors written by `convert` (its config in the metadata). What the files say is
+    read, not assumed:
+      - LoRA alpha: `lora_alpha`, else model_config.json's peft_lora_config.lora_alpha, else 128 (also its lora_r,
+        checked against the tensors, and use_rslora);
+      - the rm_head width (cfg.reward_dim): rm_head.weight's shape, checked against model_config.output_dim;
+      - norm (name -> (mean, std), the statistics the caller z-scores with): checked against the file's
+        inference_config before any tensor is read; None skips the check (raw scores only).
+    dtype: the dtype the model will be loaded in; the LoRA merge is cast to it once (see merge_lora). cfg: sizes
+    for a file that does not state them (default `default_cfg`, Qwen2-VL-2B). The key layout (PEFT's
+    `base_model.model.` prefix, `.base_layer.`, `lora_A/B.default`) follows the PEFT version VideoAlign trained
+    with; the real model.pth was not available here.
     """
     p = os.fspath(path)
     if os.path.isdir(p):
@@ -653,12 +721,20 @@ def videoalign(path, cls, default_cfg, cfg=None, lora_alpha=None):
     elif not os.path.isfile(p):
         raise FileNotFoundError(f"{p}: no such file or directory. Expected the VideoAlign reward model: "
                                 f"{VIDEOALIGN_WHERE}, or the .safetensors that `python weights.py convert` wrote from it")
+    json_src, js = videoalign_json(p)
+    if norm is not None:
+        check_norm(json_src, js, norm)  # before reading gigabytes
+    lcfg = json_section(js, "peft_lora_config", json_src)
     ckpt = read(p)
     cfg = cfg or config_from_meta(cls, ckpt.meta, p) or default_cfg
-    lcfg = lora_config(p)
     alpha = lora_alpha if lora_alpha is not None else lcfg.get("lora_alpha", LORA_ALPHA)
-    sd = merge_lora(ckpt.materialise(), alpha, p, use_rslora=bool(lcfg.get("use_rslora", False)), rank=lcfg.get("lora_r"))
-    return Tensors.of(sd, p, ckpt.meta).rename(QWEN_NEWER, QWEN_PREFIXES).drop(QWEN_DROP), cfg
+    sd = merge_lora(ckpt.materialise(), alpha, p, use_rslora=bool(lcfg.get("use_rslora", False)),
+                    rank=lcfg.get("lora_r"), dtype=dtype)
+    out = Tensors.of(sd, p, ckpt.meta).rename(QWEN_NEWER, QWEN_PREFIXES).drop(QWEN_DROP)
+    width = reward_width(out.shapes(), p, js, json_src)
+    if width is not None:
+        cfg = dataclasses.replace(cfg, reward_dim=width)
+    return out, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -674,8 +750,12 @@ def convert(kind, src, dst, key=None, dtype=None, lora_alpha=None, config=None):
         model = WanModel.from_pretrained(src, dtype=dtype, key=key)
     elif kind == "videoalign":
         from qwen2vl import VideoAlignModel
+        from reward import REWARD_NORM
 
-        model = VideoAlignModel.from_pretrained(src, dtype=dtype, lora_alpha=lora_alpha, config=config)
+        # the normalisation is checked here too: the safetensors written carries no inference_config, so a
+        # checkpoint whose statistics differ from the reward's must be refused before it is converted
+        model = VideoAlignModel.from_pretrained(src, dtype=dtype, lora_alpha=lora_alpha, config=config,
+                                                norm=REWARD_NORM)
     elif kind == "vae":
         from vae import WanVAE
 
@@ -704,14 +784,16 @@ def main(argv):
     c = sub.add_parser("convert", allow_abbrev=False, help="convert a checkpoint to one safetensors file",
                        description="dit: a Wan2.1 DiT (original or Diffusers folder, safetensors, Self / Reward Forcing "
                        ".pt such as rewardforcing.pt); vae: Wan2.1_VAE.pth or a Diffusers vae/; t5: Wan's umT5 .pth or "
-                       "a Diffusers text_encoder/; videoalign: VideoAlign's checkpoint-11352/model.pth (LoRA merged).")
+                       "a Diffusers text_encoder/; videoalign: VideoAlign's checkpoint-11352/model.pth (LoRA merged; "
+                       "LoRA alpha, rm_head width and score statistics read from model_config.json above it).")
     c.add_argument("kind", choices=["dit", "vae", "t5", "videoalign"], help="which network the checkpoint holds")
     c.add_argument("src", help="checkpoint file or folder, e.g. rewardforcing.pt or Wan2.1-T2V-1.3B/")
     c.add_argument("dst", help="output .safetensors path (written atomically)")
     c.add_argument("--key", default=None, help="dit: which dict of a training checkpoint (default: generator_ema, "
                    "then generator)")
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: keep; the DiT's time path and modulation stay float32)")
+                   help="cast the weights (default: keep; the DiT's time path and modulation stay float32; "
+                   "videoalign: the LoRA merge is done in float32 and cast once, to this dtype or the stored one)")
     c.add_argument("--lora_alpha", "--lora-alpha", type=float, default=None,
                    help=f"videoalign: LoRA alpha (default: model_config.json beside the checkpoint, else {LORA_ALPHA})")
     c.add_argument("--config", default=None, help="videoalign: size preset of a checkpoint that does not state its "

@@ -3,6 +3,7 @@ random config, LoRA merge and checkpoint loading, preprocessing, chat format, te
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import weights
 from qwen2vl import (CLIP_MEAN, CLIP_STD, QWEN_PRESETS, VideoAlignModel, patchify, preprocess_video,
                      sample_frame_indices, smart_resize)
 from reward import REWARD_NORM, REWARD_TOKENS, MotionReward, QwenChat, VideoAlignReward
-from weights import CheckpointError, main, merge_lora
+from weights import VIDEOALIGN_WHERE, CheckpointError, main, merge_lora
 
 
 def ours_from_hf(sd, cfg, src):
@@ -266,11 +267,11 @@ def test_bad_checkpoints_give_clear_errors(official, tmp_path):
     bad = {k: v for k, v in sd.items() if k != "base_model.model.visual.blocks.1.attn.qkv.bias"}
     with pytest.raises(CheckpointError, match=r"(?s)bad1\.pth.*1 missing: visual\.blocks\.1\.attn\.qkv\.bias"):
         VideoAlignModel.from_pretrained(write(bad, "bad1.pth"), config="tiny", lora_alpha=ALPHA)
-    bad = dict(sd, **{"base_model.model.rm_head.weight": torch.zeros(2, TINY.dim),
+    bad = dict(sd, **{"base_model.model.rm_head.weight": torch.zeros(1, TINY.dim + 1),
                       "base_model.model.visual.extra.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"(?s)bad2\.pth.*1 unexpected: base_model\.model\.visual\.extra\.weight "
                                               r"\[visual\.extra\.weight\].*1 mis-shaped: base_model\.model\.rm_head\.weight "
-                                              r"\[rm_head\.weight\]: \(2, 48\) != expected \(1, 48\)"):
+                                              r"\[rm_head\.weight\]: \(1, 49\) != expected \(1, 48\)"):
         VideoAlignModel.from_pretrained(write(bad, "bad2.pth"), config="tiny", lora_alpha=ALPHA)
     bad = {k: v for k, v in sd.items() if k != "base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight"}
     with pytest.raises(CheckpointError, match=r"bad3\.pth: incomplete LoRA for 'base_model\.model\.model\.layers\.0\.mlp\.up_proj'"):
@@ -280,8 +281,153 @@ def test_bad_checkpoints_give_clear_errors(official, tmp_path):
     (tmp_path / "notes.pth").write_text("hello")
     with pytest.raises(CheckpointError, match="notes.pth: not a torch checkpoint"):
         VideoAlignModel.from_pretrained(tmp_path / "notes.pth")
-    with pytest.raises(FileNotFoundError, match="nowhere.pth: no such file.*KwaiVGI/VideoReward"):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth: no such file.*Hugging Face KlingTeam/VideoReward.*"
+                                                "GitHub KlingAIResearch/VideoAlign"):
         VideoAlignModel.from_pretrained(tmp_path / "nowhere.pth")
+    with pytest.raises(CheckpointError, match="no model.pth here or in a checkpoint-NNNN/ folder.*KlingTeam/VideoReward"):
+        VideoAlignModel.from_pretrained(tmp_path)
+    assert "KlingTeam/VideoReward" in VIDEOALIGN_WHERE and "KlingAIResearch/VideoAlign" in VIDEOALIGN_WHERE
+
+
+def fake_release(root, sd, model_config=None):
+    """VideoAlign's folder layout: root/checkpoint-11352/model.pth and, when given, root/model_config.json."""
+    (root / "checkpoint-11352").mkdir(parents=True)
+    torch.save(sd, root / "checkpoint-11352" / "model.pth")
+    if model_config is not None:
+        (root / "model_config.json").write_text(json.dumps(model_config))
+    return root / "checkpoint-11352" / "model.pth"
+
+
+def reward_at(ids):
+    """(B, 3) positions of the tiny reward tokens 46, 47, 48 in each row."""
+    return torch.stack([torch.nonzero(torch.isin(row, torch.tensor([46, 47, 48]))).flatten() for row in ids])
+
+
+LORA_JSON = {"peft_lora_config": {"lora_r": R, "lora_alpha": ALPHA}}
+
+
+def test_rm_head_width_1_or_3_is_read_from_the_checkpoint(official, tiny_files, tmp_path):
+    """The width comes from rm_head.weight (and agrees with model_config.output_dim when stated). Width 1 (the
+    release): score i = h[reward token i] . w. Width 3 (VideoAlign's training script): score i = h[reward token i] .
+    w_i, the diagonal, so VQ / MQ / TA each have their own row. Both survive convert."""
+    path1, _, _, sd = official
+    w3 = torch.randn(3, TINY.dim, generator=torch.Generator().manual_seed(11))
+    path3 = fake_release(tmp_path / "w3", dict(sd, **{"base_model.model.rm_head.weight": w3}),
+                         dict(LORA_JSON, model_config={"output_dim": 3, "use_special_tokens": True}))
+    m1 = VideoAlignModel.from_pretrained(path1, config="tiny")
+    m3 = VideoAlignModel.from_pretrained(path3, config="tiny")  # the preset says 1; the file says 3
+    assert m1.cfg.reward_dim == 1 and m3.cfg.reward_dim == 3 and m3.rm_head.weight.shape == (3, TINY.dim)
+    ids, pv, grid = tiny_inputs(seed=8)
+    with torch.no_grad():
+        h = m3.hidden_states(ids, pv, grid)  # the same network below the head in both
+        r1, r3 = m1(ids, pv, grid), m3(ids, pv, grid)
+    at = h[torch.arange(2)[:, None], reward_at(ids)]  # (B, 3, D): the states at <|VQ|>, <|MQ|>, <|TA|>
+    w1 = m1.rm_head.weight[0]
+    assert r1.shape == r3.shape == (2, 3)
+    assert torch.allclose(r1, at @ w1, atol=1e-5)
+    assert torch.allclose(r3, torch.stack([at[:, i] @ w3[i] for i in range(3)], 1), atol=1e-5)
+    assert not torch.allclose(r3, at @ w3[0], atol=1e-3)  # not one row read everywhere
+    main(["convert", "videoalign", str(path3), str(tmp_path / "w3.safetensors"), "--config", "tiny"])
+    rw = VideoAlignReward.from_pretrained(tmp_path / "w3.safetensors", *tiny_files)
+    assert rw.model.cfg.reward_dim == 3
+    pixels = torch.rand(2, 3, 5, 28, 56, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    raw = rw.score(pixels, ["a cat", "dog"])
+    ids, pv, grid = rw.inputs(pixels, ["a cat", "dog"])
+    with torch.no_grad():
+        at = rw.model.hidden_states(ids, pv, grid)[torch.arange(2)[:, None], reward_at(ids)]
+    for i, name in enumerate(("VQ", "MQ", "TA")):
+        assert torch.allclose(raw[name], at[:, i] @ w3[i], atol=1e-5)
+
+
+def test_rm_head_width_mismatch_and_unreadable_widths_are_refused(official, tmp_path):
+    """One line naming the file(s) and both values: model_config.output_dim against the tensor's width; a width
+    VideoAlign's forward cannot read (2); a model trained without the reward tokens."""
+    _, _, _, sd = official
+    w3 = dict(sd, **{"base_model.model.rm_head.weight": torch.zeros(3, TINY.dim)})
+    path = fake_release(tmp_path / "disagree", w3, dict(LORA_JSON, model_config={"output_dim": 1}))
+    with pytest.raises(CheckpointError, match=r"disagree/model_config\.json: model_config\.output_dim = 1 but "
+                                              r"\S*disagree/checkpoint-11352/model\.pth has an rm_head of width 3 "
+                                              r"\(rm_head\.weight \(3, 48\)\)") as err:
+        VideoAlignModel.from_pretrained(path, config="tiny")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SystemExit, match=r"^convert: \S*model_config\.json: model_config\.output_dim = 1 but .* width 3"):
+        main(["convert", "videoalign", str(path), str(tmp_path / "x.safetensors"), "--config", "tiny"])
+    assert not (tmp_path / "x.safetensors").exists()
+    w2 = dict(sd, **{"base_model.model.rm_head.weight": torch.zeros(2, TINY.dim)})
+    path = fake_release(tmp_path / "two", w2, LORA_JSON)
+    with pytest.raises(CheckpointError, match=r"two/checkpoint-11352/model\.pth: rm_head\.weight \(2, 48\) has width 2; "
+                                              r"VideoAlign reads width 1 .* or 3"):
+        VideoAlignModel.from_pretrained(path, config="tiny")
+    path = fake_release(tmp_path / "last", sd, dict(LORA_JSON, model_config={"use_special_tokens": False}))
+    with pytest.raises(CheckpointError, match=r"last/model_config\.json: model_config\.use_special_tokens = false"):
+        VideoAlignModel.from_pretrained(path, config="tiny")
+
+
+def test_score_statistics_from_model_config_must_match_the_builtin_ones(official, tiny_files, tmp_path):
+    """model_config.json's inference_config ("VQ_mean", "VQ_std", "MQ_mean", ... as VideoAlign's inference.py reads
+    them): equal to REWARD_NORM (to its 4 decimals) loads and scores with it; any other value is refused with one line
+    naming the file, the key and both values, by the reward and by convert, before the weights are read."""
+    _, _, _, sd = official
+    stats = {f"{k}_{s}": v for k, (mean, std) in REWARD_NORM.items() for s, v in (("mean", mean), ("std", std))}
+    assert stats == {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811, "TA_mean": 2.8105,
+                     "TA_std": 2.5121}
+    main(["convert", "videoalign", str(official[0]), str(tmp_path / "va.safetensors"), "--config", "tiny"])
+
+    def release(name, inference_config):
+        """model.pth and its conversion (the tiny sizes in its metadata) under one model_config.json."""
+        pth = fake_release(tmp_path / name, sd, dict(LORA_JSON, inference_config=inference_config))
+        shutil.copy(tmp_path / "va.safetensors", pth.parent / "va.safetensors")
+        return pth, pth.parent / "va.safetensors"
+
+    _, same = release("same", dict(stats, MQ_mean=1.16458))
+    rw = VideoAlignReward.from_pretrained(same, *tiny_files)  # 1.16458 rounds to 1.1646: the same statistics
+    pixels = torch.rand(1, 3, 5, 28, 56, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    raw, z = rw.score(pixels, ["dog"]), rw(pixels, ["dog"])
+    assert torch.allclose(z, (raw["MQ"] - 1.1646) / 1.3811)
+    for key, value in (("MQ_std", 1.5), ("MQ_mean", 1.1647), ("TA_mean", "2.8105")):
+        pth, conv = release(f"{key}-{value}", dict(stats, **{key: value}))
+        msg = (rf"{key}-{value}/model_config\.json: inference_config {key} = {value!r} but the reward normalises "
+               rf"with {key} = {stats[key]} \(reward\.REWARD_NORM\)")
+        with pytest.raises(CheckpointError, match=msg) as err:
+            VideoAlignReward.from_pretrained(conv, *tiny_files)
+        assert "\n" not in str(err.value)
+        with pytest.raises(SystemExit, match="^convert: .*" + msg):
+            main(["convert", "videoalign", str(pth), str(pth.parent / "out.safetensors"), "--config", "tiny"])
+        assert not (pth.parent / "out.safetensors").exists()
+    # refused before the weights are read: the same json beside a file that is not a checkpoint at all
+    path = pth.parent / "model.pth"
+    path.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="inference_config TA_mean = '2.8105'"):
+        VideoAlignReward.from_pretrained(path, *tiny_files)
+    # raw scores only (no norm given): the statistics are not the network's business
+    path = fake_release(tmp_path / "raw", sd, dict(LORA_JSON, inference_config=dict(stats, MQ_std=1.5)))
+    assert VideoAlignModel.from_pretrained(path, config="tiny").cfg == TINY
+
+
+def test_lora_merge_is_fp32_then_cast_once(official, tmp_path):
+    """A bf16 pickle (base, A and B in bf16, as VideoAlign saved it): loaded at fp32 the merged weight is exactly
+    W + s (B A) computed in fp32, not its bf16 rounding; loaded at bf16 (or as stored) it is that sum rounded once."""
+    _, _, lora, sd = official
+    sd16 = {k: v.bfloat16() for k, v in sd.items()}
+    path = fake_release(tmp_path / "bf16", sd16, LORA_JSON)
+    m32 = VideoAlignModel.from_pretrained(path, config="tiny", dtype=torch.float32)
+    m16 = VideoAlignModel.from_pretrained(path, config="tiny", dtype=torch.bfloat16)
+    kept = VideoAlignModel.from_pretrained(path, config="tiny")  # as stored: bf16
+    main(["convert", "videoalign", str(path), str(tmp_path / "va32.safetensors"), "--config", "tiny", "--dtype", "float32"])
+    conv = VideoAlignModel.from_pretrained(tmp_path / "va32.safetensors")
+    rounded = 0
+    for mod in lora:
+        W, A, B = (sd16[f"base_model.model.{mod}.{n}.weight"] for n in ("base_layer", "lora_A.default", "lora_B.default"))
+        exact = W.float() + (ALPHA / R) * (B.float() @ A.float())
+        assert m32.get_submodule(mod).weight.dtype == torch.float32
+        assert torch.equal(m32.get_submodule(mod).weight, exact)
+        assert torch.equal(conv.get_submodule(mod).weight, exact)
+        assert torch.equal(m16.get_submodule(mod).weight, exact.bfloat16())
+        assert torch.equal(kept.get_submodule(mod).weight, exact.bfloat16())
+        rounded += (exact.bfloat16().float() != exact).float().mean().item()
+    assert rounded / len(lora) > 0.9  # the bf16 rounding changes almost every entry: the test tells the two apart
+    visual = "visual.blocks.0.attn.qkv.weight"  # not LoRA'd: upcast as is
+    assert torch.equal(m32.get_parameter(visual), sd16[f"base_model.model.{visual}"].float())
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -368,7 +514,8 @@ def test_chat_format_built_by_hand(tiny_files):
 
 def test_refuses_to_score_without_the_template(tiny_files, tmp_path):
     tok, template = tiny_files
-    with pytest.raises(ValueError, match="needs its prompt template file and none was given.*DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):
+    with pytest.raises(ValueError, match="needs its prompt template file and none was given.*KlingAIResearch/VideoAlign"
+                                         ".*DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):
         VideoAlignReward.from_pretrained(tmp_path / "not-even-loaded.pth", tok, None)
     with pytest.raises(FileNotFoundError, match="missing.txt: no such template file"):
         VideoAlignReward.from_pretrained(tmp_path / "not-even-loaded.pth", tok, tmp_path / "missing.txt")
