@@ -1,9 +1,11 @@
 """
-The speed protocol: what streaming costs, measured in one process, interleaved and repeated.
+The speed protocol: what streaming costs, measured in one process, interleaved and repeated; and what training
+holds in memory.
 
     python bench.py                 # on an accelerator: the 1.3B student at 832x480 with the Wan VAE; on CPU: 'mid'
     python bench.py --quick=true    # tiny sizes, a few repeats, aot_eager compile: the test suite runs this (CPU)
     python bench.py --scale=full --legs=eager
+    python bench.py --memory_only=true   # section 5 alone, about a minute on a CPU
 
 1. FLOPs: one steady-state chunk of the 1.3B DiT at 832x480 (9-frame window, 4 denoising steps + the cache pass)
    and one Wan VAE chunk decode, counted by torch.utils.flop_counter.FlopCounterMode on the meta device (no memory,
@@ -19,9 +21,14 @@ The speed protocol: what streaming costs, measured in one process, interleaved a
 4. Our DiT forward against diffusers' WanTransformer3DModel on one mid-size config with copied weights (written
    by save_pretrained, read by WanModel.from_pretrained): median time ratio ours / diffusers, and the output error
    for information (parity itself is tests/test_model.py's job).
+5. Training memory, on the meta device (no memory, no weights): the bytes autograd keeps for backward of one
+   training rollout of the 1.3B student (21 latent frames at 832x480, batch 1, bf16), with and without gradient
+   checkpointing, for each --cache_grad; the critic step's; and a per-GPU table of the README's FSDP recipe:
+   parameters, gradients, optimizer moments, frozen networks, activations and caches (fsdp_memory).
 The last line of output is one JSON object with every number.
 """
 
+import gc
 import json
 import math
 import re
@@ -29,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +79,10 @@ class BenchConfig:
                                        "--quick)")
     efficiency: float = opt(0.55, "fraction of the H100's bf16 peak assumed for the projected FPS")
     diffusers: bool = opt(True, "time our DiT against diffusers' WanTransformer3DModel (needs diffusers)")
+    memory: bool = opt(True, "count the 1.3B's training memory on the meta device, about a minute (not with --quick: "
+                             "the tests count it themselves)")
+    memory_only: bool = opt(False, "only that count (section 5)")
+    world: int = opt(8, "GPUs of the FSDP recipe in the per-GPU memory table")
     diffusers_repeats: int = opt(0, "timed forward pairs of that comparison (0: 10, or 4 with --quick)")
     seed: int = opt(0, "seed of the random weights, prompt and noise")
     threads: int = opt(0, "CPU threads for torch (0: torch's default); 1 is steadier on a shared machine, where "
@@ -173,6 +185,166 @@ def project_h100(fl, efficiency):
                 ceiling_fps_end_to_end=H100_BF16_TFLOPS / (dit + vae), ceiling_fps_dit=H100_BF16_TFLOPS / dit,
                 projected_fps_end_to_end=efficiency * H100_BF16_TFLOPS / (dit + vae),
                 projected_fps_dit=efficiency * H100_BF16_TFLOPS / dit)
+
+
+# ----------------------------------------------------------------------------- 5. training memory, on the meta device
+
+GiB = 2**30
+
+
+class FusedAttention(torch.autograd.Function):
+    """SDPA as a fused kernel (flash / memory-efficient attention) keeps it for backward: q, k, v, the output and a
+    (B, H, Lq) fp32 logsumexp. On meta, SDPA would run its math decomposition and keep (Lq, Lk) weights instead.
+    Used only to count; it has no backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *args, **kwargs):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def _tensors(obj, depth=0):
+    """The tensors inside a checkpointed call's arguments: tuples, lists, dicts and plain objects (sink.Window)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 8 and isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif depth < 8 and isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+    elif depth < 8 and hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        yield from _tensors(vars(obj), depth + 1)
+
+
+class SavedBytes:
+    """Counts the bytes autograd keeps for backward of the graph the `with` body builds: the tensors saved by
+    operations (saved_tensors_hooks) plus the arguments a gradient-checkpointed call keeps to recompute itself
+    (non-reentrant checkpointing holds them, not its inner activations). Read `nbytes` once the caller has dropped
+    everything but the graph's outputs: a tensor is counted only while it is still alive (a checkpointed call whose
+    outputs nobody uses is freed with them). Storages are counted once however many tensors view them, parameters not
+    at all. SDPA is counted as a fused kernel keeps it (FusedAttention)."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage()._cdata for p in params}
+        self.refs = []  # (storage id, weak reference to a tensor viewing it, storage bytes)
+
+    def keep(self, t):
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            sid = t.untyped_storage()._cdata
+            if sid not in self.params:
+                self.refs.append((sid, weakref.ref(t), t.untyped_storage().nbytes()))
+        return t
+
+    def __enter__(self):
+        import torch.nn.functional as F
+        import torch.utils.checkpoint as tc
+
+        real_ckpt, self.restore = tc.checkpoint, (F.scaled_dot_product_attention, tc.checkpoint)
+
+        def checkpoint(fn, *args, **kwargs):
+            for t in _tensors(args):
+                self.keep(t)
+            return real_ckpt(fn, *args, **kwargs)
+
+        F.scaled_dot_product_attention, tc.checkpoint = FusedAttention.apply, checkpoint
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.keep, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+        import torch.utils.checkpoint as tc
+
+        self.hooks.__exit__(*exc)
+        F.scaled_dot_product_attention, tc.checkpoint = self.restore
+
+    @property
+    def nbytes(self):
+        gc.collect()
+        live = {sid: n for sid, ref, n in self.refs if ref() is not None}
+        return sum(live.values())
+
+
+def rollout_saved_bytes(cfg, h, w, frames, grad, ckpt, chunk=3, window=9, sink=3, dtype=torch.bfloat16):
+    """Bytes kept for backward by one training rollout of the student (train.py's generate(): batch 1, the EMA-Sink
+    cache, gradient through the last step of every chunk), on the meta device: weights in `dtype` with Wan's fp32
+    time path, as FSDP2 hands them to the forward with a bf16 param_dtype. grad: the cache's gradient, 'none' or
+    'through'; ckpt: gradient checkpointing per block."""
+    with torch.device("meta"):
+        model = cast_like_wan(WanModel(cfg), dtype).train()
+        ctx = torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype)
+    model.grad_ckpt = ckpt
+    cache = SinkCache(model, 1, h, w, chunk_frames=chunk, window_frames=window, sink_frames=sink, grad=grad)
+    with SavedBytes(model.parameters()) as count:
+        x = torch.cat(list(rollout(model, cache, frames // chunk, context=ctx, exit_step=3)), dim=2)
+    del cache  # as train.py drops it: what the graph still holds is what backward needs
+    assert x.requires_grad
+    return count.nbytes
+
+
+def forward_saved_bytes(cfg, frames, h, w, ckpt=True, dtype=torch.bfloat16):
+    """Bytes kept for backward by one bidirectional forward with grad on a whole video, batch 1 (the critic's flow
+    matching step), on the meta device, weights as in rollout_saved_bytes."""
+    with torch.device("meta"):
+        model = cast_like_wan(WanModel(cfg), dtype).train()
+        x = torch.zeros(1, cfg.in_dim, frames, h, w, dtype=dtype)
+        t, ctx = torch.zeros(1), torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype)
+    model.grad_ckpt = ckpt
+    with SavedBytes(model.parameters()) as count:
+        y = model(x, t, ctx)
+    assert y.requires_grad
+    return count.nbytes
+
+
+def numel(build):
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def training_memory(frames=21, h=60, w=104):
+    """The 1.3B student's bytes kept for backward at 832x480, 21 latent frames, batch 1: one rollout (no
+    checkpointing / checkpointed, each cache-gradient setting) and the critic's checkpointed forward."""
+    cfg = PRESETS["wan2.1-t2v-1.3b"]
+    out = {f"rollout_{g}_{'ckpt' if c else 'no_ckpt'}": rollout_saved_bytes(cfg, h, w, frames, g, c)
+           for g in ("none", "through") for c in (False, True)}
+    out["critic_step_ckpt"] = forward_saved_bytes(cfg, frames, h, w)
+    return out
+
+
+def fsdp_memory(saved, world=8, teacher="wan2.1-t2v-1.3b", cache_grad="through", h=60, w=104):
+    """Per-GPU memory of the README's Re-DMD recipe under FSDP2 on `world` GPUs, batch 1 per GPU, every part computed
+    on the meta device -> (rows of (name, bytes), total). train.py holds the student, its EMA, the critic and the
+    teacher in fp32, sharded over the ranks (the gradients and AdamW's two moments too), and the text encoder, VAE
+    and reward model in bf16 on every rank. The two steps do not overlap: the student step keeps its rollout for
+    backward (saved: training_memory()), the critic step holds a sampling cache for its no-grad rollout and then its
+    checkpointed forward. Transient working memory (a block recomputed in backward, attention and FFN temporaries,
+    the decoded video) comes on top."""
+    from qwen2vl import QWEN_PRESETS, VideoAlignModel
+    from t5 import T5Config, T5Encoder
+
+    student_cfg, teacher_cfg = PRESETS["wan2.1-t2v-1.3b"], PRESETS[teacher]
+    n_student, n_teacher = numel(lambda: WanModel(student_cfg)), numel(lambda: WanModel(teacher_cfg))
+    n_block = max(numel(lambda: WanModel(c).blocks[0]) for c in (student_cfg, teacher_cfg))
+    with torch.device("meta"):
+        cache = SinkCache(cast_like_wan(WanModel(student_cfg), torch.bfloat16), 1, h, w)
+    fp32, bf16 = 4, 2
+    student_step = saved[f"rollout_{cache_grad}_ckpt"]
+    critic_step = cache.nbytes() + saved["critic_step_ckpt"]
+    rows = [
+        (f"student: weights, gradients, AdamW moments (fp32 / {world})", 4 * fp32 * n_student / world),
+        (f"student EMA (fp32 / {world})", fp32 * n_student / world),
+        (f"critic: weights, gradients, AdamW moments (fp32 / {world})", 4 * fp32 * n_student / world),
+        (f"teacher {teacher} (fp32 / {world})", fp32 * n_teacher / world),
+        ("umT5-XXL text encoder (bf16, every rank)", bf16 * numel(lambda: T5Encoder(T5Config()))),
+        ("Wan VAE (bf16, every rank)", bf16 * numel(lambda: WanVAE(VAE_PRESETS["wan2.1"]))),
+        ("VideoAlign reward model (bf16, every rank)", bf16 * numel(lambda: VideoAlignModel(QWEN_PRESETS["qwen2-vl-2b"]))),
+        ("FSDP all-gathered blocks (fp32, current + prefetched)", 2 * fp32 * n_block),
+        (f"activations and cache: max(student step {student_step / GiB:.2f}, critic step {critic_step / GiB:.2f})",
+         max(student_step, critic_step)),
+    ]
+    return rows, sum(b for _, b in rows)
 
 
 # ----------------------------------------------------------------------------- 2-3. timed streaming sessions
@@ -354,6 +526,29 @@ def diffusers_ratio(a, device, dtype):
 # ----------------------------------------------------------------------------- main
 
 
+def memory_report(a):
+    """Section 5: the student rollout's bytes kept for backward, and the per-GPU table of the FSDP recipe."""
+    t = time.perf_counter()
+    saved = training_memory()
+    log(f"training memory, 1.3B student, 21 latent frames at 832x480, batch 1, bf16, counted on the meta device "
+        f"(attention as a fused kernel keeps it; parameters excluded) in {time.perf_counter() - t:.0f} s:")
+    for g in ("none", "through"):
+        log(f"  rollout, --cache_grad={g:7s}: {saved[f'rollout_{g}_no_ckpt'] / GiB:7.2f} GiB kept for backward, "
+            f"{saved[f'rollout_{g}_ckpt'] / GiB:6.2f} GiB with --grad_ckpt=true")
+    log(f"  critic step (bidirectional forward with grad, checkpointed): {saved['critic_step_ckpt'] / GiB:.2f} GiB")
+    tables = {}
+    for teacher in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+        rows, total = fsdp_memory(saved, a.world, teacher)
+        _, total_none = fsdp_memory(saved, a.world, teacher, cache_grad="none")
+        log(f"  per GPU, Re-DMD on {a.world} GPUs (FSDP2), teacher {teacher}, --cache_grad=through:")
+        for name, b in rows:
+            log(f"    {name:88s} {b / GiB:6.2f} GiB")
+        log(f"    {'total (--cache_grad=none: ' + f'{total_none / GiB:.2f} GiB)':88s} {total / GiB:6.2f} GiB")
+        tables[teacher] = dict(rows={n: round(b / GiB, 3) for n, b in rows}, total_gib=round(total / GiB, 3),
+                               total_gib_cache_grad_none=round(total_none / GiB, 3))
+    return dict(training_memory_gib={k: round(v / GiB, 3) for k, v in saved.items()}, fsdp_per_gpu=tables)
+
+
 def main(argv=None):
     a = configure(BenchConfig(), argv, doc=__doc__)
     if a.threads > 0:
@@ -384,6 +579,12 @@ def main(argv=None):
     result = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, scale=a.scale,
                   quick=a.quick, threads=torch.get_num_threads(),
                   compile_backend=a.compile_backend if a.legs != "eager" else None)
+    if a.world < 1:
+        raise SystemExit(f"--world={a.world}: the FSDP recipe runs on at least 1 GPU")
+    if a.memory_only:
+        result.update(memory_report(a))
+        print(json.dumps(result))
+        return result
 
     # 1. FLOPs
     t = time.perf_counter()
@@ -455,6 +656,10 @@ def main(argv=None):
             f"(spread {info['ratio_spread']}; ours {info['ours_ms']['median']:.1f} ms, diffusers "
             f"{info['diffusers_ms']['median']:.1f} ms); max output difference {info['max_rel_err']:.2g} of max |out|")
     result.update(ratio_vs_diffusers=ratio, diffusers=info)
+
+    # 5. training memory
+    if a.memory and not a.quick:
+        result.update(memory_report(a))
     print(json.dumps(result, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return result
 

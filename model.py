@@ -260,7 +260,9 @@ class Block(nn.Module):
         h = modulate(layer_norm(x, self.eps), shift_f, scale_f)
         x = torch.addcmul(x, gate_f, self.ffn(h.to(self.ffn[0].weight.dtype)).float())
         if isinstance(cache, Window):  # training: the chunk's new K/V leave as outputs, so that a gradient reaching
-            return x, *cache.new  # them from later chunks passes this block's backward hooks (FSDP unshards there)
+            k, v = cache.new  # them from later chunks passes this block's backward hooks (FSDP unshards there);
+            cache.new = None  # not kept on the Window: a checkpoint's argument holding its own outputs is a cycle
+            return x, k, v
         return x
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 
@@ -72,3 +73,47 @@ def test_legs_and_scale_are_checked():
         bench.main(["--legs=on"])
     with pytest.raises(SystemExit, match="--scale must be one of"):
         bench.main(["--scale=huge"])
+
+
+# -- training memory (bench.py section 5), counted on the meta device ---------------------------------------------
+
+
+@pytest.mark.parametrize("grad,inputs_per_layer", [("none", 2), ("through", 3)])
+def test_saved_bytes_per_layer_is_block_inputs_and_cached_kv(grad, inputs_per_layer):
+    """With checkpointing, each layer adds exactly what recomputation needs. A 2-chunk rollout, per layer: the fp32
+    block input of each chunk's exit-step forward (2), with 'through' also chunk 0's t = 0 pass (3; chunk 1's is freed
+    with the cache, nothing reads it), plus chunk 0's cached K and V in bf16, which chunk 1's Window holds.
+    So the counter sees checkpoint arguments and Window entries, counts each storage once, skips parameters and
+    drops what dies with the cache."""
+    from model import WanConfig
+
+    B, C, h, w, D = 1, 3, 4, 4, 64
+    T = (h // 2) * (w // 2)
+    got = [bench.rollout_saved_bytes(WanConfig(dim=D, ffn_dim=128, num_heads=4, num_layers=n, freq_dim=32,
+                                               text_dim=32, text_len=16), h, w, 2 * C, grad, True) for n in (2, 4)]
+    block_input, kv = B * C * T * D * 4, 2 * B * C * T * D * 2
+    assert (got[1] - got[0]) / 2 == inputs_per_layer * block_input + kv
+
+
+def test_1p3b_rollout_fits_the_memory_target():
+    """The paper-scale student step: one 21-frame rollout at 832x480 keeps <= 24 GiB for backward with gradient
+    checkpointing, either cache-gradient setting (without checkpointing: ~145 GiB; `python bench.py --memory_only`)."""
+    from model import PRESETS
+
+    cfg = PRESETS["wan2.1-t2v-1.3b"]
+    none, through = (bench.rollout_saved_bytes(cfg, 60, 104, 21, g, True) for g in ("none", "through"))
+    assert none < through <= 24 * bench.GiB
+    assert none > 21 * 1560 * 1536 * 4 * 30  # more than the block inputs alone (21 frames x 1560 tokens, fp32, 30 layers)
+
+
+def test_fsdp_table_shards_what_fsdp_shards():
+    saved = {"rollout_through_ckpt": 3 * bench.GiB, "rollout_none_ckpt": 2 * bench.GiB, "critic_step_ckpt": bench.GiB}
+    rows8, total8 = bench.fsdp_memory(saved, world=8)
+    rows4, total4 = dict(bench.fsdp_memory(saved, world=4)[0]), bench.fsdp_memory(saved, world=4)[1]
+    assert total8 == pytest.approx(sum(b for _, b in rows8))
+    for name, b in rows8:
+        same = name.replace("/ 8", "/ 4")
+        assert rows4[same] == pytest.approx(2 * b if "/ 8" in name else b), name
+    with torch.device("meta"):
+        n = sum(p.numel() for p in bench.WanModel(bench.PRESETS["wan2.1-t2v-1.3b"]).parameters())
+    assert dict(rows8)["student: weights, gradients, AdamW moments (fp32 / 8)"] == 16 * n / 8  # 4 fp32 copies
