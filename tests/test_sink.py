@@ -369,3 +369,25 @@ def test_cache_grad_against_finite_differences(model64, exit_step):
 def test_student_timesteps():
     ts = FlowMatch(5.0).timesteps()
     assert ts == pytest.approx([1000.0, 937.5, 833.3333, 625.0], abs=1e-3)
+
+
+def test_training_cache_is_freed_after_backward(model64):
+    """Nothing of a training rollout outlives its backward: the cache's entries (held by checkpointed blocks' Windows
+    until then) are freed once the outputs are dropped, with no reference cycle left to the garbage collector."""
+    import gc
+    import weakref
+
+    model64.grad_ckpt = True
+    try:
+        cache = SinkCache(model64, 1, 2, 4, window_frames=6, sink_frames=3, alpha=0.7, grad="through")
+        x = torch.cat(list(rollout(model64, cache, 3, context=ctx(1).double(), exit_step=1)), dim=2)
+        entry = weakref.ref(cache.kv[0][0][0])  # the sink's keys as chunk 2 read them (folded once)
+        del cache
+        assert entry() is not None  # the graph needs it
+        x.square().sum().backward()
+        gc.disable()  # freed by reference counting alone
+        del x
+        assert entry() is None
+    finally:
+        gc.enable()
+        model64.grad_ckpt = False
