@@ -45,11 +45,21 @@ class FlowMatch:
         u = torch.rand(n, generator=generator, device=device)
         return (1000.0 * shift_sigma(u, self.shift)).clamp(t_min, t_max)
 
-    def trajectory(self, steps, shift=None):
+    def trajectory(self, steps, shift=None, through=()):
         """t of an Euler sampler: `steps` steps from 1000 down to 0, sigmas warped by `shift` (the teacher's ODE:
-        48 steps, shift 8). A list of steps + 1 floats ending at 0."""
+        48 steps, shift 8). A list of floats, strictly decreasing from 1000 to 0.
+
+        through: timesteps the grid must pass through exactly (the ODE stage gives the student's, e.g. 1000, 937.5,
+        833.3, 625), so the trajectory holds a latent at precisely the t the student is trained and rolled out at.
+        The grid is the union of the `steps`-step grid and these values (the same Python floats, so the stored
+        timesteps equal the student's bit for bit), sorted descending, exact duplicates removed: each value not
+        already on the grid splits one Euler step in two (48 -> at most 51 steps for the student's 4 timesteps,
+        1000 being on every grid). Every other grid point is unchanged."""
         k = self.shift if shift is None else shift
-        return [1000.0 * shift_sigma(1.0 - i / steps, k) for i in range(steps + 1)]
+        grid = [1000.0 * shift_sigma(1.0 - i / steps, k) for i in range(steps + 1)]
+        if any(not 0.0 <= t <= 1000.0 for t in through):
+            raise ValueError(f"trajectory: timesteps to pass through must be in [0, 1000], got {list(through)}")
+        return sorted(set(grid) | {float(t) for t in through}, reverse=True)
 
 
 def cfg(cond, uncond, scale):

@@ -9,12 +9,14 @@ Three networks: the `student` (the few-step causal generator G), the `teacher` (
   --stage=teacher  Toy worlds only: flow-matching pretraining of a small bidirectional teacher on data/toyworld.py
                    (the real recipe starts from Wan2.1 instead).
   --stage=ode      ODE initialisation (paper §4). The teacher samples ODE trajectories (48 Euler steps, shift 8,
-                   CFG 6 against the negative prompt) into a shard folder; the student learns to jump from the
-                   trajectory's points at its own 4 timesteps to the clean end point, all chunks in one chunk-causal
-                   forward with a random timestep per chunk.
+                   CFG 6 against the negative prompt, the grid passing exactly through the student's 4 timesteps)
+                   into a shard folder; the student learns to jump from the trajectory's points at those timesteps
+                   to the clean end point, all chunks in one block-causal forward (--ode_mask) with a random
+                   timestep per chunk.
   --stage=redmd    Re-DMD. Every iteration a critic step: flow matching on fresh student rollouts. Every
                    `student_every` iterations first a student step: roll out through the EMA-Sink cache, score each
-                   video with the reward r, and weight its DMD gradient by exp(r / beta) (paper Eq. 11).
+                   video with the reward r (default VideoAlign, whose files must be given), and weight its DMD
+                   gradient by exp(r / beta) (paper Eq. 11).
 
 Sizes are the video's: --num_frames pixel frames, --height / --width pixels. With Wan's VAE 1 + 4 (F - 1) frames and
 8 x 8 pixels make one latent (81 x 480 x 832 -> 21 x 60 x 104); with no --vae the latents are the video.
@@ -24,9 +26,16 @@ Where this trainer departs from the released Reward Forcing trainer, on purpose:
     every 40 iterations, twice, and re-applied stale critic gradients.
   - Training streams through the sampling cache (window 9, EMA sink). The released trainer used a 21-frame cache that
     never evicted, so its EMA sink never ran in training.
+  - Gradient across chunks (--cache_grad=through, the default) is the exact derivative: each chunk's t = 0 cache pass
+    runs with grad and the EMA folds are differentiable. The released code passes a straight-through estimate instead
+    (later chunks read the t = 0 K/V, their gradient lands on the exit step's K/V written in place); --cache_grad=none
+    keeps the cached context constant (sink.py, README "Gradient through the cache").
+  - ODE pairs exactly at the student's timesteps: the teacher's Euler grid passes through them. Self Forcing's ODE
+    script (which Reward Forcing starts from) keeps points 0, 12, 24, 36 of a 48-step shift-8 trajectory, t = 1000,
+    960, 888.9, 727.3, while its student samples at shift 5: t = 1000, 937.5, 833.3, 625.
   - Options beyond the paper, off by default: --reward_clip=c clamps r before exp(r / beta), whose weights are
     heavy-tailed for a z-scored r (E[exp(2 z)] = e^2); --reward_norm=true divides the gradient by the mean weight
-    over the global batch; --beta=inf or --reward=none is plain DMD.
+    over the global batch; --beta=inf or --reward=none is plain DMD; --reward=motion is a weightless toy reward.
 Every random draw comes from (seed, step, rank), so --resume=true continues exactly; checkpoints are written
 atomically (plumbing.py). A non-finite loss stops the run before the optimizer step and names the last good
 checkpoint. With no --teacher / --text_encoder / --vae the networks are random tiny presets with a word-level tiny
@@ -34,7 +43,8 @@ umT5 (tests and toy runs).
 
     python train.py config/toy.py --stage=ode
     torchrun --standalone --nproc_per_node=8 train.py --stage=redmd --teacher=Wan2.1-T2V-1.3B \\
-        --text_encoder=Wan2.1-T2V-1.3B --vae=Wan2.1-T2V-1.3B --prompts=prompts.txt --dist=fsdp
+        --text_encoder=Wan2.1-T2V-1.3B --vae=Wan2.1-T2V-1.3B --prompts=prompts.txt --dist=fsdp \\
+        --reward_ckpt=videoalign.safetensors --reward_tokenizer=tokenizer.json --reward_template=videoalign_template.txt
 """
 
 import contextlib
@@ -100,15 +110,20 @@ class TrainConfig:
     ode_steps: int = opt(48, "teacher Euler steps")
     ode_shift: float = opt(8.0, "teacher sigma shift")
     ode_guidance: float = opt(6.0, "teacher CFG scale for the trajectories")
+    ode_mask: str = opt("causal", "student's attention in the ODE stage: causal (full block-causal: each chunk sees "
+                                  "itself and every earlier frame, the paper) | window (the streaming window and sink "
+                                  "at absolute RoPE positions)")
     # Re-DMD
     student_every: int = opt(5, "a student step every N iterations (paper: 5); a critic step every iteration")
     dmd_guidance: float = opt(4.0, "CFG scale of the teacher's real score (released code: cond + 3 (cond - uncond))")
     dmd_t_min: float = opt(20.0, "smallest DMD / critic timestep")
     dmd_t_max: float = opt(980.0, "largest DMD / critic timestep")
-    reward: str = opt("motion", "motion (weightless) | videoalign | none (plain DMD)")
-    reward_ckpt: str = opt("", "videoalign: merged safetensors (or model.pth)")
-    reward_tokenizer: str = opt("", "videoalign: tokenizer.json")
-    reward_template: str = opt("", "videoalign: prompt template file")
+    reward: str = opt("videoalign", "videoalign (the paper's VideoAlign motion quality; needs the --reward_ files) | "
+                                    "motion (weightless toy frame-difference reward) | none (plain DMD)")
+    reward_ckpt: str = opt("", "videoalign: merged safetensors, or checkpoint-11352/model.pth")
+    reward_tokenizer: str = opt("", "videoalign: tokenizer.json (the checkpoint's or Qwen2-VL-2B-Instruct's)")
+    reward_template: str = opt("", "videoalign: VideoAlign's prompt_template.DETAILED_PROMPT_WITH_SPECIAL_TOKEN, saved "
+                                   "to a file")
     beta: float = opt(0.5, "Re-DMD temperature: weight exp(r / beta); inf = DMD")
     reward_clip: Optional[float] = opt(None, "clamp r to [-c, c] before exp (none: off)")
     reward_norm: bool = opt(False, "normalise the weights to mean 1 over the global batch")
@@ -168,6 +183,20 @@ def stage_file(path, name):
 # what the ODE stage's pairs depend on: a folder of pairs sampled with other values is not reused
 PAIR_SETTINGS = ("ode_pairs", "ode_steps", "ode_shift", "ode_guidance", "student_steps", "student_shift", "num_frames",
                  "height", "width", "seed", "prompts", "teacher", "negative_prompt")
+# done.json's "grid": the teacher's Euler grid passes exactly through the student's timesteps. Pairs written before
+# (no "grid" key) kept the nearest grid points instead (the real recipe: up to 9.6 off the student's t): refused.
+PAIR_GRID = "exact"
+ODE_MASKS = ("causal", "window")  # --ode_mask
+
+
+def ode_attention(cfg):
+    """The ODE stage's chunk-causal mask as WanModel.forward's window_frames / sink_frames (model.chunk_keys).
+    causal: every chunk sees itself and all earlier frames (the paper; Self Forcing's ODE initialisation).
+    window: the streaming cache's frames (sink + window; every earlier frame for --sink_mode=full), but at absolute
+    RoPE positions, so a query sees its sink up to F - 1 frames away while streaming renumbers (README, Training)."""
+    if cfg.ode_mask == "causal" or cfg.sink_mode == "full":
+        return {"window_frames": None, "sink_frames": 0}
+    return {"window_frames": cfg.window_frames, "sink_frames": 0 if cfg.sink_mode == "none" else cfg.sink_frames}
 
 
 def resolve(cfg):
@@ -184,6 +213,8 @@ def resolve(cfg):
     need(cfg.stage in ("teacher", "ode", "redmd"), f"--stage={cfg.stage}: takes teacher, ode or redmd")
     need(cfg.dist in ("ddp", "fsdp"), f"--dist={cfg.dist}: takes ddp or fsdp")
     need(cfg.cache_grad in GRADS, f"--cache_grad={cfg.cache_grad}: takes {' or '.join(GRADS)}")
+    need(cfg.ode_mask in ODE_MASKS, f"--ode_mask={cfg.ode_mask}: takes causal (full block-causal, the paper) or "
+                                    "window (the streaming window and sink)")
     dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")  # 'auto' -> a name
     need((err := settings_error(cfg)) is None, err)
     for name in ("max_iters", "batch_size", "grad_accum", "student_every", "save_interval", "log_interval",
@@ -261,10 +292,15 @@ def resolve(cfg):
             unknown = sorted({w for p in prompts for w in words(p)})
             need(not unknown, f"--prompts={cfg.prompts}: words outside the vocabulary of --text_encoder="
                               f"{cfg.text_encoder}: {', '.join(unknown[:10])}")
-    if cfg.reward == "videoalign" and cfg.stage == "redmd":
-        for name in ("reward_ckpt", "reward_tokenizer", "reward_template"):
-            need(getattr(cfg, name) and os.path.exists(getattr(cfg, name)),
-                 f"--{name}={getattr(cfg, name)}: no such file; --reward=videoalign needs it ({VIDEOALIGN_WHERE})")
+    if cfg.reward == "videoalign" and cfg.stage == "redmd":  # the default: no silent fallback to a toy reward
+        lost = [f"--{name}" + (f"={path} (no such file)" if path else " (unset)")
+                for name in ("reward_ckpt", "reward_tokenizer", "reward_template")
+                if not (path := getattr(cfg, name)) or not os.path.exists(path)]
+        need(not lost, f"--reward=videoalign (the default: the paper's VideoAlign motion-quality reward) needs "
+                       f"{', '.join(lost)}. The checkpoint: {VIDEOALIGN_WHERE}; the tokenizer: its tokenizer.json "
+                       "(or Qwen2-VL-2B-Instruct's); the template: prompt_template.DETAILED_PROMPT_WITH_SPECIAL_TOKEN "
+                       "from GitHub KlingAIResearch/VideoAlign, saved to a file. Or --reward=motion (the weightless "
+                       "toy reward) or --reward=none (plain DMD)")
 
     # the output folder: writable now, and no earlier run's checkpoints overwritten or pruned
     writable_dir(cfg.out_dir, f"--out_dir={cfg.out_dir}")
@@ -281,14 +317,20 @@ def resolve(cfg):
     cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher)
     done = os.path.join(here, "pairs", "done.json")
     if cfg.stage == "ode" and os.path.exists(done):  # pairs of an earlier run are reused if they are these settings'
+        pairs = os.path.dirname(done)
         try:
             with open(done) as fh:
                 made = json.load(fh)
         except (OSError, ValueError):
-            made = {}
+            made = None
+        need(isinstance(made, dict), f"{done}: not a readable record of the ODE pairs' settings: delete {pairs} to "
+                                     "sample new ones, or give a new --out_dir")
+        need(made.get("grid") == PAIR_GRID, f"{pairs} holds ODE pairs of an older train.py, at the teacher steps "
+             "nearest the student's timesteps (its done.json has no \"grid\": \"exact\"): delete that folder to "
+             "sample new ones exactly at them, or give a new --out_dir")
         differ = [f"--{k}={made[k]} (now {getattr(cfg, k)})" for k in PAIR_SETTINGS if k in made and made[k] != getattr(cfg, k)]
-        need(not differ, f"{os.path.dirname(done)} holds ODE pairs sampled with {', '.join(differ)}: delete that "
-                         "folder to sample new ones, or give a new --out_dir")
+        need(not differ, f"{pairs} holds ODE pairs sampled with {', '.join(differ)}: delete that folder to sample new "
+                         "ones, or give a new --out_dir")
     return cfg, Latent(F, cfg.height // ss, cfg.width // ss)
 
 
@@ -453,15 +495,17 @@ def train_teacher(cfg, lat, proc):
 @torch.no_grad()
 def sample_ode_pairs(cfg, lat, proc, teacher, encode, prompts, folder):
     """Each rank samples the trajectories i = rank, rank + world, ... and writes them as safetensors shards:
-    lat (n, K+1, C, F, h, w) at the teacher steps nearest the student's K timesteps, plus the clean end;
-    t (K+1,) the exact timesteps of those latents; the prompts in the metadata."""
+    lat (n, K+1, C, F, h, w) at the student's K timesteps, plus the clean end; t (K+1,) those timesteps and 0, the
+    same float32 values the student's rollout uses; the prompts in the metadata."""
     from safetensors.torch import save_file
 
     dev = proc.device
     fm = FlowMatch(cfg.ode_shift)
-    ts = fm.trajectory(cfg.ode_steps)  # 1000 ... 0
+    # the teacher's Euler grid passes exactly through the student's timesteps (dmd.FlowMatch.trajectory): the kept
+    # latents sit at the t the student sees in its rollouts, not at the nearest of 48 shift-8 steps (up to 9.6 off)
     student_t = FlowMatch(cfg.student_shift).timesteps(cfg.student_steps)
-    keep = [min(range(len(ts)), key=lambda i: abs(ts[i] - st)) for st in student_t] + [len(ts) - 1]
+    ts = fm.trajectory(cfg.ode_steps, through=student_t)  # 1000 ... 0
+    keep = [ts.index(st) for st in student_t] + [len(ts) - 1]
     neg = encode([cfg.negative_prompt])  # (1, L, D)
     mine = list(range(proc.rank, cfg.ode_pairs, proc.world))
     for s in range(0, len(mine), cfg.batch_size):
@@ -471,7 +515,7 @@ def sample_ode_pairs(cfg, lat, proc, teacher, encode, prompts, folder):
         g = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + idx[0])
         x = torch.randn(B, unwrap(teacher).cfg.in_dim, *lat, generator=g, device=dev)  # (B, C, F, h, w)
         ctx = torch.cat([encode(ps), neg.expand(B, -1, -1)])  # cond and uncond in one batch
-        kept = {}  # teacher step -> latent; two student timesteps may share a step on a coarse trajectory
+        kept = {}  # grid index -> latent (B, C, F, h, w); a repeated student timestep keeps one index twice
         for i in range(len(ts)):
             if i in keep:
                 kept[i] = x.clone()
@@ -485,8 +529,8 @@ def sample_ode_pairs(cfg, lat, proc, teacher, encode, prompts, folder):
         save_file({"lat": torch.stack([kept[i] for i in keep], dim=1).cpu().contiguous(),
                    "t": torch.tensor([ts[i] for i in keep])}, path + ".tmp", metadata={"prompts": json.dumps(ps)})
         os.replace(path + ".tmp", path)
-    proc.print(f"ODE pairs: {cfg.ode_pairs} trajectories in {folder}, kept teacher steps {keep} "
-               f"(t = {[round(ts[i], 1) for i in keep]})")
+    proc.print(f"ODE pairs: {cfg.ode_pairs} trajectories of {len(ts) - 1} Euler steps in {folder}, kept grid points "
+               f"{keep} (t = {[round(ts[i], 1) for i in keep]})")
 
 
 class OdePairs:
@@ -537,7 +581,7 @@ def train_ode(cfg, lat, proc):
         proc.barrier()
         if proc.rank == 0:
             with open(os.path.join(folder, "done.json"), "w") as fh:
-                json.dump({k: getattr(cfg, k) for k in PAIR_SETTINGS}, fh)
+                json.dump({k: getattr(cfg, k) for k in PAIR_SETTINGS} | {"grid": PAIR_GRID}, fh)
     pairs = OdePairs(folder, dev)
     K = len(pairs.t) - 1  # student timesteps; index K is the clean end point
     del teacher
@@ -565,8 +609,7 @@ def train_ode(cfg, lat, proc):
             x_t = torch.gather(x, 1, k[:, None, None, :, None, None].expand(B, 1, *x.shape[2:])).squeeze(1)
             t = pairs.t.to(dev)[k]  # (B, F)
             with grad_sync(student, micro == cfg.grad_accum - 1), autocast(cfg, dev):
-                v = student(x_t, t, encode(ps), chunk_frames=C, window_frames=cfg.window_frames,
-                            sink_frames=0 if cfg.sink_mode == "none" else cfg.sink_frames).float()
+                v = student(x_t, t, encode(ps), chunk_frames=C, **ode_attention(cfg)).float()
                 x0 = x_t - fm.sigma(t)[:, None, :, None, None] * v  # (B, C, F, h, w)
                 loss = dmd.ode_loss(x0, x[:, K]) / cfg.grad_accum
                 loss.backward()

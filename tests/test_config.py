@@ -74,3 +74,18 @@ def test_prompt_files_and_presets_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = configure(train.TrainConfig(), [str(toy)])
     assert Path(cfg.text_encoder, "tokenizer.json").is_file() and Path(cfg.prompts).is_file()
+
+
+def test_real_runs_default_to_the_papers_reward_and_mask():
+    """train.py's defaults are the paper's: the VideoAlign reward (no silent toy reward in a real run) and the ODE
+    stage's full block-causal mask; config/toy.py chooses the weightless motion reward itself."""
+    from pathlib import Path
+
+    import train
+
+    cfg = train.TrainConfig()
+    assert cfg.reward == "videoalign" and cfg.ode_mask == "causal"
+    assert train.ode_attention(cfg) == {"window_frames": None, "sink_frames": 0}
+    toy = Path(__file__).resolve().parent.parent / "config" / "toy.py"
+    toy_cfg = configure(train.TrainConfig(), [str(toy)])
+    assert toy_cfg.reward == "motion" and toy_cfg.ode_mask == "causal"

@@ -25,6 +25,23 @@ def test_flow_matching_roundtrip_and_schedules():
     assert torch.allclose(cfg(torch.tensor(2.0), torch.tensor(1.0), 4.0), torch.tensor(2.0 + 3 * 1.0))
 
 
+def test_ode_trajectory_passes_exactly_through_the_students_timesteps():
+    """The ODE stage's teacher grid: the 48-step shift-8 grid with the student's shift-5 timesteps added exactly (the
+    nearest plain grid points are up to 9.6 off: 935.8, 827.6, 615.4), every other point unchanged."""
+    student = FlowMatch(5.0).timesteps((1000, 750, 500, 250))
+    plain = FlowMatch(8.0).trajectory(48)
+    tr = FlowMatch(5.0).trajectory(48, shift=8.0, through=student)
+    assert all(t in tr for t in student)  # the same floats, not merely close
+    assert tr[0] == 1000.0 and tr[-1] == 0.0 and all(a > b for a, b in zip(tr, tr[1:]))
+    assert len(tr) == 52 and [t for t in tr if t not in student[1:]] == plain  # 3 points added (1000 is on the grid)
+    nearest = [min(plain, key=lambda p: abs(p - t)) for t in student[1:]]
+    assert nearest == pytest.approx([935.8, 827.6, 615.4], abs=0.05)
+    assert max(abs(p - t) for p, t in zip(nearest, student[1:])) == pytest.approx(9.6, abs=0.05)
+    assert FlowMatch(8.0).trajectory(48, through=()) == plain
+    with pytest.raises(ValueError, match="must be in \\[0, 1000\\]"):
+        FlowMatch(8.0).trajectory(4, through=[1200.0])
+
+
 def test_dmd_loss_gradient_is_the_formula():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, 6, generator=g, requires_grad=True)

@@ -2,6 +2,7 @@
 with exit status 2, one line on stderr naming the setting (or file) and what is allowed, no traceback, and nothing
 loaded or written (stdout holds no progress, only notes)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,9 +35,15 @@ def probes(tmp):
             save_file({"w": torch.zeros(2)}, str(corrupt / f"step_{step:06d}" / f"{name}.safetensors"))
         (corrupt / f"step_{step:06d}" / "state.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
     (corrupt / "latest").write_text("step_000004")
+    # ODE pairs of an earlier run: one written by the old code (done.json without "grid"), one with other settings
+    for name, record in (("old_pairs", {"ode_steps": 48}), ("other_pairs", {"grid": "exact", "ode_steps": 99})):
+        (tmp / name / "ode" / "pairs").mkdir(parents=True)
+        (tmp / name / "ode" / "pairs" / "done.json").write_text(json.dumps(record))
     not_writable = "/proc/no_such_dir"  # cannot be created, even by root (a read-only folder can be, by root)
-    train = ["train.py", f"--prompts={tmp / 'prompts.txt'}", f"--out_dir={tmp / 'out'}", "--num_frames=6",
-             "--height=4", "--width=4"]
+    # the default --reward=videoalign needs its weights: the probes take the weightless toy reward unless they test it
+    default = ["train.py", f"--prompts={tmp / 'prompts.txt'}", f"--out_dir={tmp / 'out'}", "--num_frames=6",
+               "--height=4", "--width=4"]
+    train = default + ["--reward=motion"]
     sample = ["sample.py", f"--out={tmp / 'o.mp4'}"]
     return [
         # sample.py: the device, the cache, numbers
@@ -90,7 +97,12 @@ def probes(tmp):
         (train + ["--reward=clip"], "--reward=clip: takes motion, videoalign or none"),
         (train + ["--batch_size=0"], "--batch_size=0: must be >= 1"),
         (train + ["--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
-        (train + ["--reward=videoalign"], "--reward_ckpt=: no such file"),
+        (default, "--reward=videoalign (the default: the paper's VideoAlign motion-quality reward) needs "
+                  "--reward_ckpt (unset), --reward_tokenizer (unset), --reward_template (unset)"),
+        (train + ["--reward=videoalign", f"--reward_ckpt={tmp / 'nowhere.safetensors'}",
+                  f"--reward_tokenizer={tmp / 'a_file'}"],
+         f"needs --reward_ckpt={tmp / 'nowhere.safetensors'} (no such file), --reward_template (unset). "),
+        (train + ["--ode_mask=full"], "--ode_mask=full: takes causal (full block-causal, the paper) or window"),
         # train.py: files and folders
         (["train.py", "--stage=ode"], "--prompts is required"),
         (train + [f"--prompts={tmp / 'comments.txt'}"], "no prompts in it"),
@@ -105,6 +117,12 @@ def probes(tmp):
                                                 "with --resume=true, or give a new --out_dir"),
         (train + [f"--out_dir={tmp / 'corrupt'}", "--resume=true"],
          "step_000004/state.pt: cannot resume from it"),
+        # (the ODE stage needs no reward files: these run with the default --reward)
+        (default + ["--stage=ode", f"--out_dir={tmp / 'old_pairs'}"],
+         f"{tmp / 'old_pairs' / 'ode' / 'pairs'} holds ODE pairs of an older train.py, at the teacher steps nearest "
+         "the student's timesteps (its done.json has no \"grid\": \"exact\")"),
+        (default + ["--stage=ode", f"--out_dir={tmp / 'other_pairs'}"],
+         "holds ODE pairs sampled with --ode_steps=99 (now 48)"),
         # weights.py convert and bench.py
         (["weights.py", "convert", "dit", str(tmp / "nowhere.pt"), str(tmp / "x.safetensors")], "nowhere.pt"),
         (["weights.py", "convert", "dit", str(tmp / "a_file"), str(tmp / "x.safetensors")], "a_file: not a torch"),
@@ -148,6 +166,14 @@ def test_the_corrupt_checkpoint_names_the_one_before(results):
     _, rows = results
     line = next(out.stderr for (cmd, _), out in rows if any("corrupt" in c for c in cmd))
     assert "resume from the one before with `echo step_000002 >" in line and "corrupt/redmd/latest`" in line
+
+
+def test_the_default_reward_says_where_its_files_are_and_what_else_runs(results):
+    _, rows = results
+    line = next(out.stderr for (cmd, want), out in rows if want.startswith("--reward=videoalign (the default"))
+    assert "Hugging Face KlingTeam/VideoReward" in line and "checkpoint-11352/model.pth" in line  # VIDEOALIGN_WHERE
+    assert "prompt_template.DETAILED_PROMPT_WITH_SPECIAL_TOKEN from GitHub KlingAIResearch/VideoAlign" in line
+    assert line.rstrip().endswith("Or --reward=motion (the weightless toy reward) or --reward=none (plain DMD)")
 
 
 def test_a_different_chunking_from_training_is_noted(tmp_path):

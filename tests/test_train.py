@@ -9,20 +9,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from model import PRESETS, WanModel
+from sink import SinkCache
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red ball bounces left", "a blue square moves up", "a green circle turns", "the camera pans right over a red ball"]
 
 
 def tiny(tmp, out, *extra):
+    """A tiny run's settings (tests/test_resume.py uses them too). --reward=motion: the weightless toy reward, since
+    the default VideoAlign reward needs its weights files."""
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return [f"--prompts={prompts}", f"--out_dir={out}", "--num_frames=6", "--height=4", "--width=4", "--batch_size=2",
             "--ode_pairs=4", "--ode_steps=8", "--save_interval=2", "--student_every=2", "--lr_student=1e-3", "--lr_critic=1e-3",
-            *extra]
+            "--reward=motion", *extra]
 
 
 def run(args, nproc=1):
@@ -58,20 +65,117 @@ def test_torchrun_two_ranks_both_stages(tmp_path, backend):
     assert "student: " + str(out / "ode" / "step_000003" / "generator.safetensors") in stdout
 
 
-def test_ode_stage_learns_and_pairs_are_teacher_trajectories(tmp_path):
+def test_ode_stage_learns_and_pairs_are_teacher_trajectories(tmp_path, one_thread):
+    import train
+    from config import configure, read_prompt_file
+    from dmd import FlowMatch, cfg as guide
+
     out = tmp_path / "out"
     run(tiny(tmp_path, out, "--stage=ode", "--max_iters=16", "--save_interval=100"))
     losses = [r["ode_loss"] for r in rows(out / "ode" / "log.jsonl")]
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses  # per-step losses are noisy: compare 4-step means
+    assert json.loads((out / "ode" / "pairs" / "done.json").read_text())["grid"] == "exact"
     shards = sorted((out / "ode" / "pairs").glob("*.safetensors"))
-    sd = load_file(str(shards[0]))
-    # t: the teacher steps nearest the student's warped schedule (1000, 937.5, 833.3, 625) and the clean end 0
-    assert sd["t"][0] == 1000.0 and sd["t"][-1] == 0.0 and len(sd["t"]) == 5
-    grid = [1000 * 8 * u / (1 + 7 * u) for u in (1 - i / 8 for i in range(9))]  # 8 Euler steps, shift 8
-    nearest = [min(grid, key=lambda g: abs(g - st)) for st in (1000, 937.5, 2500 / 3, 625)]
-    assert sd["t"][:4].tolist() == pytest.approx(nearest)
-    assert sd["lat"].shape == (2, 5, 16, 6, 4, 4)
+    assert len(shards) == 2  # 4 pairs in batches of 2
+    # t: exactly the student's warped schedule (1000, 937.5, 833.3, 625) and the clean end 0, the same float32 values
+    # the rollout's torch.full((B,), ts[j]) holds
+    student_t = FlowMatch(5.0).timesteps([1000, 750, 500, 250])
+    for shard in shards:
+        assert torch.equal(load_file(str(shard))["t"], torch.tensor(student_t + [0.0]))
+
+    # the latents: the teacher's Euler trajectory, integrated here on the 8-step shift-8 grid plus the student's t
+    # (11 steps), must hold the stored latents at exactly those t
+    grid = sorted({1000 * 8 * u / (1 + 7 * u) for u in (1 - i / 8 for i in range(9))} | set(student_t), reverse=True)
+    assert len(grid) == 12 and min(abs(g - 625) for g in grid) == 0.0
+    cfg, lat = train.resolve(configure(train.TrainConfig(), tiny(tmp_path, tmp_path / "again", "--stage=ode")))
+    dev = torch.device("cpu")
+    proc = type("Proc", (), {"device": dev, "print": staticmethod(lambda *a: None)})
+    teacher = train.load_net(cfg.teacher, "teacher", cfg, proc).eval()  # the same seeded random teacher as the run's
+    prompts = read_prompt_file(cfg.prompts)
+    encode = train.text_encoder(cfg, prompts, teacher.cfg, dev)
+    for shard in shards:
+        first = int(shard.stem.split("_")[-1])  # shard_r000_{first pair index}
+        sd = load_file(str(shard))
+        assert sd["lat"].shape == (2, 5, 16, 6, 4, 4)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first)
+        x = torch.randn(2, 16, *lat, generator=g)
+        ps = [prompts[first % 4], prompts[(first + 1) % 4]]
+        ctx = torch.cat([encode(ps), encode([cfg.negative_prompt]).expand(2, -1, -1)])  # cond and uncond
+        points = {}
+        with torch.no_grad():
+            for a, b in zip(grid, grid[1:]):
+                points[a] = x
+                v = teacher(torch.cat([x, x]), torch.full((4,), a), ctx)
+                x = x + (b - a) / 1000 * guide(v[:2], v[2:], cfg.ode_guidance)
+        points[0.0] = x
+        want = torch.stack([points[t] for t in student_t + [0.0]], dim=1)
+        assert torch.allclose(sd["lat"], want, atol=1e-5), (sd["lat"] - want).abs().amax()
+        # the plain 8-step grid's point nearest 625 (533.3), which the old code kept, holds another latent
+        assert (sd["lat"][:, 3] - points[grid[grid.index(625.0) + 1]]).abs().amax() > 1e-2
     assert sd["lat"][:, 0].std() > 0.8  # the first kept point is the initial noise
+
+
+def distances(q_pos, k_pos):
+    """RoPE frame distances (query position minus key position) of every query and key frame."""
+    return {q - k for q in q_pos for k in k_pos}
+
+
+def test_rope_frame_distances_of_each_stage(tmp_path, monkeypatch, one_thread):
+    """The distances README's Training section lists. Streaming (Re-DMD and sampling: the cache with train.py's
+    defaults, chunk 3, window 9, sink 3) renumbers positions every chunk, so once the window is full the sink is 4..8
+    frames from a query and the rest -2..5; the ODE stage's one forward over 21 frames keeps absolute positions:
+    causal (the default) shows -2..20, window the sink at up to 20 too."""
+    import model
+    import train
+    from config import configure
+
+    defaults = train.TrainConfig()
+    cache = SinkCache.from_settings(WanModel(PRESETS["tiny"]), defaults, 1, 2, 2)
+    seen = []  # per chunk: (distances to the sink, distances to the other cached frames and the chunk itself)
+    for _ in range(7):  # 21 latent frames
+        cache.advance()
+        q, k = cache.q_fpos.tolist(), cache.k_fpos[: cache.n_frames].tolist()
+        seen.append((distances(q, k[:3]), distances(q, k[3:])))
+    assert seen[0] == (set(range(-2, 3)), set())  # the first chunk is the sink
+    assert seen[1] == (set(range(1, 6)), set(range(-2, 3)))
+    assert all(s == set(range(4, 9)) and r == set(range(-2, 6)) for s, r in seen[2:])  # the window full
+
+    def ode(mask, F=21):
+        """Per chunk of an F-frame ODE forward: (distances to frames 0..2, distances to the others)."""
+        kw = train.ode_attention(replace(defaults, ode_mask=mask))
+        out = []
+        for s in range(0, F, 3):
+            keys = [f for a, b in model.chunk_keys(s + 3, kw["window_frames"], kw["sink_frames"]) for f in range(a, b)]
+            out.append((distances(range(s, s + 3), [f for f in keys if f < 3]),
+                        distances(range(s, s + 3), [f for f in keys if f >= 3])))
+        return out
+
+    causal = ode("causal")
+    assert set().union(*(a | b for a, b in causal)) == set(range(-2, 21))
+    assert causal[-1] == (set(range(16, 21)), set(range(-2, 18)))  # the last chunk sees frame 0 at 18..20
+    window = ode("window")
+    assert set().union(*(a | b for a, b in window)) == set(range(-2, 21))
+    assert window[:3] == causal[:3]  # the window (9 frames) is not full before the 4th chunk
+    assert [a for a, _ in window[3:]] == [set(range(7 + 3 * i, 12 + 3 * i)) for i in range(4)]  # the sink: 7..20
+    assert all(b == set(range(-2, 6)) for _, b in window[3:])  # the window's other frames: as streaming
+
+    # ... and what the ODE stage's student forward is given: the masks above, for each --ode_mask
+    calls = []
+    real = WanModel.forward
+
+    def spy(self, x, t, context=None, **kw):
+        if kw.get("chunk_frames") is not None:  # the student; the teacher samples bidirectionally
+            calls.append((kw["chunk_frames"], kw["window_frames"], kw["sink_frames"]))
+        return real(self, x, t, context, **kw)
+
+    monkeypatch.setattr(WanModel, "forward", spy)
+    train.main(tiny(tmp_path, tmp_path / "causal", "--stage=ode", "--max_iters=1", "--ode_pairs=2"))
+    assert calls == [(3, None, 0)]
+    shutil.copytree(tmp_path / "causal" / "ode" / "pairs", tmp_path / "window" / "ode" / "pairs")
+    calls.clear()
+    train.main(tiny(tmp_path, tmp_path / "window", "--stage=ode", "--max_iters=1", "--ode_pairs=2",
+                    "--ode_mask=window"))
+    assert calls == [(3, 9, 3)]
 
 
 def test_resume_is_exact(tmp_path):
