@@ -40,6 +40,8 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as tc
 
 from config import cli, configure, opt, pick_device, pick_dtype
 from model import PRESETS, WanConfig, WanModel, param_dtype
@@ -238,9 +240,6 @@ class SavedBytes:
         return t
 
     def __enter__(self):
-        import torch.nn.functional as F
-        import torch.utils.checkpoint as tc
-
         real_ckpt, self.restore = tc.checkpoint, (F.scaled_dot_product_attention, tc.checkpoint)
 
         def checkpoint(fn, *args, **kwargs):
@@ -254,9 +253,6 @@ class SavedBytes:
         return self
 
     def __exit__(self, *exc):
-        import torch.nn.functional as F
-        import torch.utils.checkpoint as tc
-
         self.hooks.__exit__(*exc)
         F.scaled_dot_product_attention, tc.checkpoint = self.restore
 
@@ -298,9 +294,8 @@ def forward_saved_bytes(cfg, frames, h, w, ckpt=True, dtype=torch.bfloat16):
     return count.nbytes
 
 
-def numel(build):
-    with torch.device("meta"):
-        return sum(p.numel() for p in build().parameters())
+def numel(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def training_memory(frames=21, h=60, w=104):
@@ -315,36 +310,38 @@ def training_memory(frames=21, h=60, w=104):
 
 def fsdp_memory(saved, world=8, teacher="wan2.1-t2v-1.3b", cache_grad="through", h=60, w=104):
     """Per-GPU memory of the README's Re-DMD recipe under FSDP2 on `world` GPUs, batch 1 per GPU, every part computed
-    on the meta device -> (rows of (name, bytes), total). train.py holds the student, its EMA, the critic and the
-    teacher in fp32, sharded over the ranks (the gradients and AdamW's two moments too), and the text encoder, VAE
-    and reward model in bf16 on every rank. The two steps do not overlap: the student step keeps its rollout for
-    backward (saved: training_memory()), the critic step holds a sampling cache for its no-grad rollout and then its
-    checkpointed forward. Transient working memory (a block recomputed in backward, attention and FFN temporaries,
-    the decoded video) comes on top."""
+    on the meta device -> (rows of (name, bytes) with the activations of `cache_grad`, {setting: total} for both
+    cache-gradient settings). train.py holds the student, its EMA, the critic and the teacher in fp32, sharded over
+    the ranks (the gradients and AdamW's two moments too), and the text encoder, VAE and reward model in bf16 on every
+    rank. The two steps do not overlap: the student step keeps its rollout for backward (saved: training_memory()),
+    the critic step holds a sampling cache for its no-grad rollout and then its checkpointed forward. Transient
+    working memory (a block recomputed in backward, attention and FFN temporaries, the decoded video) comes on top."""
     from qwen2vl import QWEN_PRESETS, VideoAlignModel
     from t5 import T5Config, T5Encoder
 
-    student_cfg, teacher_cfg = PRESETS["wan2.1-t2v-1.3b"], PRESETS[teacher]
-    n_student, n_teacher = numel(lambda: WanModel(student_cfg)), numel(lambda: WanModel(teacher_cfg))
-    n_block = max(numel(lambda: WanModel(c).blocks[0]) for c in (student_cfg, teacher_cfg))
     with torch.device("meta"):
-        cache = SinkCache(cast_like_wan(WanModel(student_cfg), torch.bfloat16), 1, h, w)
+        student, teach = WanModel(PRESETS["wan2.1-t2v-1.3b"]), WanModel(PRESETS[teacher])
+        n_frozen = {"umT5-XXL text encoder": numel(T5Encoder(T5Config())),
+                    "Wan VAE": numel(WanVAE(VAE_PRESETS["wan2.1"])),
+                    "VideoAlign reward model": numel(VideoAlignModel(QWEN_PRESETS["qwen2-vl-2b"]))}
+        cache = SinkCache(cast_like_wan(student, torch.bfloat16), 1, h, w)
+    n_student, n_teacher = numel(student), numel(teach)
+    n_block = max(numel(student.blocks[0]), numel(teach.blocks[0]))
     fp32, bf16 = 4, 2
-    student_step = saved[f"rollout_{cache_grad}_ckpt"]
     critic_step = cache.nbytes() + saved["critic_step_ckpt"]
+    steps = {g: max(saved[f"rollout_{g}_ckpt"], critic_step) for g in ("through", "none")}
     rows = [
         (f"student: weights, gradients, AdamW moments (fp32 / {world})", 4 * fp32 * n_student / world),
         (f"student EMA (fp32 / {world})", fp32 * n_student / world),
         (f"critic: weights, gradients, AdamW moments (fp32 / {world})", 4 * fp32 * n_student / world),
         (f"teacher {teacher} (fp32 / {world})", fp32 * n_teacher / world),
-        ("umT5-XXL text encoder (bf16, every rank)", bf16 * numel(lambda: T5Encoder(T5Config()))),
-        ("Wan VAE (bf16, every rank)", bf16 * numel(lambda: WanVAE(VAE_PRESETS["wan2.1"]))),
-        ("VideoAlign reward model (bf16, every rank)", bf16 * numel(lambda: VideoAlignModel(QWEN_PRESETS["qwen2-vl-2b"]))),
+        *((f"{name} (bf16, every rank)", bf16 * n) for name, n in n_frozen.items()),
         ("FSDP all-gathered blocks (fp32, current + prefetched)", 2 * fp32 * n_block),
-        (f"activations and cache: max(student step {student_step / GiB:.2f}, critic step {critic_step / GiB:.2f})",
-         max(student_step, critic_step)),
     ]
-    return rows, sum(b for _, b in rows)
+    static = sum(b for _, b in rows)
+    rows.append((f"activations and cache: max(student step {saved[f'rollout_{cache_grad}_ckpt'] / GiB:.2f}, critic "
+                 f"step {critic_step / GiB:.2f})", steps[cache_grad]))
+    return rows, {g: static + b for g, b in steps.items()}
 
 
 # ----------------------------------------------------------------------------- 2-3. timed streaming sessions
@@ -468,7 +465,6 @@ def diffusers_ratio(a, device, dtype):
     except ImportError as err:
         return None, dict(reason=f"diffusers is not installed ({err}); it is a test-only dependency: "
                                  "pip install -r requirements-dev.txt")
-    import torch.nn.functional as F
 
     c = MID
     torch.manual_seed(a.seed)
@@ -538,8 +534,8 @@ def memory_report(a):
     log(f"  critic step (bidirectional forward with grad, checkpointed): {saved['critic_step_ckpt'] / GiB:.2f} GiB")
     tables = {}
     for teacher in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
-        rows, total = fsdp_memory(saved, a.world, teacher)
-        _, total_none = fsdp_memory(saved, a.world, teacher, cache_grad="none")
+        rows, totals = fsdp_memory(saved, a.world, teacher)
+        total, total_none = totals["through"], totals["none"]
         log(f"  per GPU, Re-DMD on {a.world} GPUs (FSDP2), teacher {teacher}, --cache_grad=through:")
         for name, b in rows:
             log(f"    {name:88s} {b / GiB:6.2f} GiB")
