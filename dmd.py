@@ -68,6 +68,29 @@ def cfg(cond, uncond, scale):
     return uncond + scale * (cond - uncond)
 
 
+@torch.no_grad()
+def euler_sample(model, x, ts, ctx, uncond=None, guidance=1.0, keep=()):
+    """The teacher's own sampler: Euler steps of dx/ds = v along the grid ts (1000 ... 0, FlowMatch.trajectory) from
+    the noise x (B, C, F, h, w), with classifier-free guidance when `uncond` is given (the negative prompt's context,
+    (1, L, D) or (B, L, D); cond and uncond run as one batch). ctx (B, L, D). Returns the end point x (B, C, F, h, w)
+    fp32 and {i: the latent at grid point i} for each index in `keep` (the ODE stage's pairs)."""
+    B, kept = x.shape[0], {}
+    if uncond is not None:
+        ctx = torch.cat([ctx, uncond.expand(B, -1, -1)])
+    x = x.float()
+    for i in range(len(ts)):
+        if i in keep:
+            kept[i] = x.clone()
+        if i == len(ts) - 1:
+            break
+        t = torch.full((ctx.shape[0],), ts[i], device=x.device)
+        v = model(x if uncond is None else torch.cat([x, x]), t, ctx).float()
+        if uncond is not None:
+            v = cfg(v[:B], v[B:], guidance)
+        x = x + (ts[i + 1] / 1000.0 - ts[i] / 1000.0) * v  # the step in sigma = t / 1000
+    return x, kept
+
+
 def dmd_loss(x, x0_real, x0_fake, weight=None):
     """Distribution matching (paper Eq. 1-2), rewarded when `weight` is given (Eq. 11).
 

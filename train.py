@@ -68,7 +68,7 @@ from dmd import FlowMatch
 from model import PRESETS, WanConfig, WanModel
 from plumbing import Proc, StageDir, checkpoints, grad_sync, item, latest_checkpoint, resume_point, unwrap
 from sink import GRADS, SinkCache, rollout, settings_error
-from weights import VIDEOALIGN_WHERE, WAN_WHERE
+from weights import VIDEOALIGN_WHERE, WAN_WHERE, CheckpointError
 
 
 @dataclass
@@ -119,8 +119,10 @@ class TrainConfig:
     dmd_t_min: float = opt(20.0, "smallest DMD / critic timestep")
     dmd_t_max: float = opt(980.0, "largest DMD / critic timestep")
     reward: str = opt("videoalign", "videoalign (the paper's VideoAlign motion quality; needs the --reward_ files) | "
-                                    "motion (weightless toy frame-difference reward) | none (plain DMD)")
-    reward_ckpt: str = opt("", "videoalign: merged safetensors, or checkpoint-11352/model.pth")
+                                    "toy (the toy world's learned motion quality, reward.ToyMotionReward) | "
+                                    "motion (weightless frame-difference reward) | none (plain DMD)")
+    reward_ckpt: str = opt("", "videoalign: merged safetensors, or checkpoint-11352/model.pth; toy: the ToyMotionReward "
+                               "file (empty: data/toy/reward.safetensors)")
     reward_tokenizer: str = opt("", "videoalign: tokenizer.json (the checkpoint's or Qwen2-VL-2B-Instruct's)")
     reward_template: str = opt("", "videoalign: VideoAlign's prompt_template.DETAILED_PROMPT_WITH_SPECIAL_TOKEN, saved "
                                    "to a file")
@@ -136,6 +138,9 @@ class TrainConfig:
     beta1: float = opt(0.0, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
     weight_decay: float = opt(0.01, "AdamW weight decay")
+    warmup_iters: int = opt(0, "linear learning-rate warm-up over the first N iterations (0: none)")
+    decay_lr: bool = opt(False, "cosine learning-rate decay after the warm-up, to min_lr_frac x lr at max_iters")
+    min_lr_frac: float = opt(0.1, "with --decay_lr: the final learning rate as a fraction of the initial one")
     grad_clip: float = opt(10.0, "gradient norm clip")
     ema_decay: float = opt(0.99, "student EMA decay")
     ema_start: int = opt(200, "the student EMA copies the student exactly before this step")
@@ -158,6 +163,8 @@ class TrainConfig:
 # Checkpoint files keep the names sample.py, eval.py and model.py's loaders (and the shipped docs) read:
 # generator.safetensors and generator_ema.safetensors hold the student and student_ema, critic.safetensors the
 # critic, teacher.safetensors and teacher_ema.safetensors the teacher stage's teacher and its EMA.
+REWARDS = ("videoalign", "toy", "motion", "none")
+TOY_REWARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy", "reward.safetensors")
 STAGE_FILES = {"teacher": ("teacher", "teacher_ema"), "ode": ("generator",), "redmd": ("generator", "generator_ema", "critic")}
 
 
@@ -204,7 +211,7 @@ def resolve(cfg):
     naming it before any model loads (and before torchrun's process group starts). Also resolves them once as the
     stages read them: dtype, negative prompt, networks' files, latent sizes. Returns (cfg, Latent)."""
     from t5 import NEGATIVE_PROMPT, Tokenizer
-    from weights import CheckpointError, wan_file
+    from weights import wan_file
 
     def need(ok, msg):
         if not ok:
@@ -220,7 +227,8 @@ def resolve(cfg):
     for name in ("max_iters", "batch_size", "grad_accum", "student_every", "save_interval", "log_interval",
                  "keep_ckpts", "ode_pairs", "ode_steps"):
         need(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
-    for name in ("caption_dropout", "teacher_ema_decay", "ema_decay", "beta1", "beta2"):
+    need(cfg.warmup_iters >= 0, f"--warmup_iters={cfg.warmup_iters}: must be >= 0")
+    for name in ("caption_dropout", "teacher_ema_decay", "ema_decay", "beta1", "beta2", "min_lr_frac"):
         need(0.0 <= getattr(cfg, name) <= 1.0, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
     for name in ("lr_teacher", "lr_student", "lr_critic", "grad_clip", "student_shift", "teacher_shift", "ode_shift"):
         need(getattr(cfg, name) > 0, f"--{name}={getattr(cfg, name)}: must be > 0")
@@ -229,7 +237,7 @@ def resolve(cfg):
     need(0 <= cfg.dmd_t_min < cfg.dmd_t_max <= 1000, f"--dmd_t_min={cfg.dmd_t_min} --dmd_t_max={cfg.dmd_t_max}: "
          "need 0 <= min < max <= 1000")
     need(cfg.beta > 0, f"--beta={cfg.beta}: the temperature is > 0 (inf: plain DMD)")
-    need(cfg.reward in ("motion", "videoalign", "none"), f"--reward={cfg.reward}: takes motion, videoalign or none")
+    need(cfg.reward in REWARDS, f"--reward={cfg.reward}: takes {', '.join(REWARDS)}")
     need(cfg.reward_clip is None or cfg.reward_clip > 0, f"--reward_clip={cfg.reward_clip}: > 0, or none")
     # Wan's VAE: F latent frames <-> 1 + 4 (F - 1) video frames, 8 x 8 pixels per latent; no VAE: the latents are the video
     ts, ss = 1, 1
@@ -292,6 +300,9 @@ def resolve(cfg):
             unknown = sorted({w for p in prompts for w in words(p)})
             need(not unknown, f"--prompts={cfg.prompts}: words outside the vocabulary of --text_encoder="
                               f"{cfg.text_encoder}: {', '.join(unknown[:10])}")
+    if cfg.reward == "toy" and cfg.stage == "redmd":
+        need(os.path.isfile(cfg.reward_ckpt or TOY_REWARD), f"--reward=toy: {cfg.reward_ckpt or TOY_REWARD}: no such "
+             "file (train it once: python reward.py train)")
     if cfg.reward == "videoalign" and cfg.stage == "redmd":  # the default: no silent fallback to a toy reward
         lost = [f"--{name}" + (f"={path} (no such file)" if path else " (unset)")
                 for name in ("reward_ckpt", "reward_tokenizer", "reward_template")
@@ -387,13 +398,20 @@ def reward_model(cfg, device):
         from reward import MotionReward
 
         return MotionReward()
+    if cfg.reward == "toy":
+        from reward import ToyMotionReward
+
+        try:
+            return ToyMotionReward.from_pretrained(cfg.reward_ckpt or TOY_REWARD, device=device)
+        except (FileNotFoundError, CheckpointError) as err:
+            raise SystemExit(f"--reward=toy: {err}") from None
     if cfg.reward == "videoalign":
         from reward import VideoAlignReward
 
         return VideoAlignReward.from_pretrained(cfg.reward_ckpt, cfg.reward_tokenizer, cfg.reward_template, device=device)
     if cfg.reward == "none":
         return None
-    raise SystemExit(f"--reward must be motion, videoalign or none; got {cfg.reward!r}")
+    raise SystemExit(f"--reward must be one of {', '.join(REWARDS)}; got {cfg.reward!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -411,16 +429,31 @@ def adamw(model, lr, cfg):
                              weight_decay=cfg.weight_decay)
 
 
+def lr_scale(step, cfg):
+    """The learning rate at `step` (1-based) as a fraction of the configured one: a linear warm-up over warmup_iters,
+    then constant, or with --decay_lr a cosine from 1 down to min_lr_frac at max_iters (nanoGPT's schedule). A
+    function of the step alone, so a resumed run continues on the same curve."""
+    if step <= cfg.warmup_iters:
+        return step / cfg.warmup_iters
+    if not cfg.decay_lr:
+        return 1.0
+    p = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def optimizer_step(what, step, model, optimizer, loss, cfg, run):
     """The end of every update: clip the gradient, average the loss over ranks, stop on a non-finite loss (every rank
-    sees the same mean, so all stop together, before the step), step. loss: this rank's sum over micro-batches.
-    Returns the mean loss and the gradient norm before clipping, as floats."""
+    sees the same mean, so all stop together, before the step), set the scheduled learning rate (lr_scale), step.
+    loss: this rank's sum over micro-batches. Returns the mean loss and the gradient norm before clipping, as floats."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     loss = run.proc.mean(loss).item()
     if not math.isfinite(loss):
         raise RuntimeError(f"{what} loss is {loss} at step {step}: stopping. The last good checkpoint is "
                            f"{run.latest() or '(none written yet)'}; lower the learning rate or check the data, "
                            "then --resume.")
+    lr = {"teacher": cfg.lr_teacher, "critic": cfg.lr_critic}.get(what, cfg.lr_student)  # ODE and student
+    for group in optimizer.param_groups:  # from the settings, not the optimizer's saved state: --resume may change lr
+        group["lr"] = lr * lr_scale(step, cfg)
     optimizer.step()
     return loss, item(norm)
 
@@ -482,7 +515,8 @@ def train_teacher(cfg, lat, proc):
         loss, norm = optimizer_step("teacher", step, teacher, opt_teacher, loss_sum, cfg, run)
         ema_update(teacher_ema, teacher, cfg.teacher_ema_decay if step > 1 else 0.0)
         if step % cfg.log_interval == 0:
-            run.log({"step": step, "fm_loss": loss, "grad_norm": norm, "s_per_it": time.perf_counter() - t0})
+            run.log({"step": step, "fm_loss": loss, "grad_norm": norm, "lr": opt_teacher.param_groups[0]["lr"],
+                     "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
             run.save(step, models, opts)
     return teacher_ema
@@ -514,17 +548,8 @@ def sample_ode_pairs(cfg, lat, proc, teacher, encode, prompts, folder):
         B = len(idx)
         g = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + idx[0])
         x = torch.randn(B, unwrap(teacher).cfg.in_dim, *lat, generator=g, device=dev)  # (B, C, F, h, w)
-        ctx = torch.cat([encode(ps), neg.expand(B, -1, -1)])  # cond and uncond in one batch
-        kept = {}  # grid index -> latent (B, C, F, h, w); a repeated student timestep keeps one index twice
-        for i in range(len(ts)):
-            if i in keep:
-                kept[i] = x.clone()
-            if i == len(ts) - 1:
-                break
-            with autocast(cfg, dev):
-                v = teacher(torch.cat([x, x]), torch.full((2 * B,), ts[i], device=dev), ctx).float()
-            v = dmd.cfg(v[:B], v[B:], cfg.ode_guidance)
-            x = x + (fm.sigma(ts[i + 1]) - fm.sigma(ts[i])) * v  # Euler step of dx/ds = v
+        with autocast(cfg, dev):
+            _, kept = dmd.euler_sample(teacher, x, ts, encode(ps), neg, cfg.ode_guidance, keep)
         path = os.path.join(folder, f"shard_r{proc.rank:03d}_{s:07d}.safetensors")
         save_file({"lat": torch.stack([kept[i] for i in keep], dim=1).cpu().contiguous(),
                    "t": torch.tensor([ts[i] for i in keep])}, path + ".tmp", metadata={"prompts": json.dumps(ps)})
@@ -616,7 +641,8 @@ def train_ode(cfg, lat, proc):
             loss_sum += loss.detach()
         loss, norm = optimizer_step("ODE", step, student, opt_student, loss_sum, cfg, run)
         if step % cfg.log_interval == 0:
-            run.log({"step": step, "ode_loss": loss, "grad_norm": norm, "s_per_it": time.perf_counter() - t0})
+            run.log({"step": step, "ode_loss": loss, "grad_norm": norm, "lr": opt_student.param_groups[0]["lr"],
+                     "s_per_it": time.perf_counter() - t0})
         if step % cfg.save_interval == 0 or step == cfg.max_iters:
             run.save(step, models, opts)
     return student

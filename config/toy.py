@@ -30,6 +30,6 @@ lr_critic = 2e-5
 student_every = 5
 ema_start = 50
 dmd_guidance = 2.0
-reward = "motion"  # weightless frame differences: train.py's default VideoAlign needs real video and its weights
+reward = "toy"  # VideoAlign's role: the learned motion-quality judge reward.ToyMotionReward, data/toy/reward.safetensors
 save_interval = 100
 log_interval = 10

@@ -94,7 +94,9 @@ def probes(tmp):
         (train + ["--height=5"], "--height=5 --width=4: pixels must be multiples of 2 x 2"),
         (train + ["--beta=0"], "--beta=0.0: the temperature is > 0"),
         (train + ["--lr_student=0"], "--lr_student=0.0: must be > 0"),
-        (train + ["--reward=clip"], "--reward=clip: takes motion, videoalign or none"),
+        (train + ["--reward=clip"], "--reward=clip: takes videoalign, toy, motion, none"),
+        (train + ["--reward=toy", f"--reward_ckpt={tmp / 'nowhere.safetensors'}"],
+         f"--reward=toy: {tmp / 'nowhere.safetensors'}: no such file (train it once: python reward.py train)"),
         (train + ["--batch_size=0"], "--batch_size=0: must be >= 1"),
         (train + ["--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
         (default, "--reward=videoalign (the default: the paper's VideoAlign motion-quality reward) needs "

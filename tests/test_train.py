@@ -241,16 +241,33 @@ def test_compile_and_bf16_autocast_run(tmp_path):
     assert all(math.isfinite(r["critic_loss"]) for r in rows(tmp_path / "b" / "redmd" / "log.jsonl"))
 
 
+def test_lr_schedule_is_warmup_then_cosine():
+    """train.lr_scale against the closed form: linear warm-up to 1, then 1 (no decay) or a cosine to min_lr_frac at
+    max_iters, as in nanoGPT."""
+    from train import TrainConfig, lr_scale
+
+    c = TrainConfig(warmup_iters=10, max_iters=110, decay_lr=True, min_lr_frac=0.1)
+    assert [lr_scale(s, c) for s in (1, 5, 10)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_scale(60, c) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_scale(110, c) == pytest.approx(0.1)
+    assert lr_scale(35, c) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    flat = TrainConfig(warmup_iters=0, max_iters=110)
+    assert all(lr_scale(s, flat) == 1.0 for s in (1, 50, 110))
+
+
 def test_toy_recipe_each_stage_runs(tmp_path):
     """The toy preset end to end at a few steps: teacher -> ODE pairs and init -> Re-DMD, each stage finding the
     previous one's output through its folder, with the shipped toy text encoder (data/toy)."""
     out = tmp_path / "toy"
     small = ["config/toy.py", f"--out_dir={out}", f"--teacher={out}/teacher", "--num_frames=6", "--height=16",
              "--width=16", "--batch_size=2", "--save_interval=2", "--log_interval=1"]
-    run([*small, "--stage=teacher", "--max_iters=2", "--beta1=0.9"])
+    run([*small, "--stage=teacher", "--max_iters=3", "--beta1=0.9", "--warmup_iters=2", "--decay_lr=true",
+         "--min_lr_frac=0.25", "--save_interval=1", "--keep_ckpts=3"])
     assert (out / "teacher" / "step_000002" / "teacher_ema.safetensors").exists()
+    lr = [r["lr"] for r in rows(out / "teacher" / "log.jsonl")]  # warm-up 1/2, 1, then the cosine's end, 1/4
+    assert lr[0] == pytest.approx(lr[1] / 2) and lr[2] == pytest.approx(lr[1] / 4)
     stdout = run([*small, "--stage=ode", "--max_iters=2", "--ode_pairs=2", "--ode_steps=4"])
-    assert f"teacher: {out}/teacher/step_000002/teacher_ema.safetensors" in stdout
+    assert f"teacher: {out}/teacher/step_000003/teacher_ema.safetensors" in stdout  # the latest
     stdout = run([*small, "--stage=redmd", "--max_iters=2", "--student_every=1"])
     assert f"student: {out}/ode/step_000002/generator.safetensors" in stdout
     log = rows(out / "redmd" / "log.jsonl")
