@@ -5,6 +5,8 @@ latent frame.
 
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
     python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
+    python eval.py --ckpt out/toy/teacher --teacher=true --num_frames=12   # the bidirectional teacher, its own sampler
+    python eval.py --ckpt out/toy/redmd --switch=true --sink_mode=static --out_png switch.png   # prompt switches
 
 Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
 - dynamics  mean |x_{t+1} - x_t| over pixels, channels and steps. 0: static video. World clips: ~0.05-0.15.
@@ -25,6 +27,39 @@ Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is be
 The CLI also scores the world's own clips of the same captions ("world", the ceiling) and those clips frozen on
 their first frame ("static", what a generator that never moves gets), and reports every metric per segment along the
 rollout, for plotting quality against length.
+
+Prompt switches (--switch=true; paper Fig. 7, and the sink ablation of Table 3): caption pairs (A, B) that differ at
+least in colour and background (switch_pairs: A is the i-th evaluation caption, B a caption of another world seed
+recoloured where it clashes), one rollout per pair and noise seed that streams A for the first K chunks and then B, the
+prompt replaced between chunks as sample.py does it (cache.set_prompt, --recache optional; the chunks before the switch
+are the plain evaluation's rollouts of the same captions, seeds and --batch_size). The switch frame is
+T0 = K * chunk_frames; the n = T - T0 frames from T0 on are "after the switch", and C = chunk_frames. Per frame after
+the switch: follow_B(t) = fidelity_per_frame to B, linger_A(t) = fidelity_per_frame to A, and background_match to
+B's and to A's background (the fraction of the frame's gray pixels within BG_TOL of one of that background's two
+stripe grays). Scores of one video:
+- pre       mean fidelity to A over the frames before the switch, in [0, 1]: did the model draw A at all (a model that
+            never did lingers 0 for free).
+- latency   frames after the switch until B's object is found (follow_B >= PRESENT_IOU) in C consecutive frames
+            (one chunk's worth): the first such window's start, in [0, n - C], or n when none. 0: B from the first
+            frame after the switch; n: never. An object that shows A for N more frames and then B: N.
+- follow    mean follow_B over the frames after the first post-switch chunk (frames T0 + C .. T - 1), in [0, 1]:
+            how completely the video follows B once it had a chunk to turn. 1: B's object, intact, in every frame.
+- linger    mean linger_A over all frames after the switch, in [0, 1]. 0 (ideal): A's object gone at the switch;
+            1: A's object intact to the end.
+- hold      frames after the switch until A's object is gone for good: 1 + the last post-switch frame in which it is
+            found (linger_A >= PRESENT_IOU), 0 when it never is, n when it is still there at the end.
+- bg_latency like latency, for the background: the first of C consecutive post-switch frames in which more than half
+            of the gray pixels are on B's stripes, in [0, n - C], or n. It does not need an intact object, so it still
+            times the switch of a student whose objects rarely reach PRESENT_IOU (then latency sits near n: read
+            latency, follow and hold next to pre).
+- bg_follow mean over frames T0 + C .. T - 1 of the share of gray pixels on B's background, in [0, 1]. 1: ideal.
+- bg_linger mean over all frames after the switch of the share of gray pixels on A's background, in [0, 1]. 0: ideal.
+Known answers (switch_clip, frozen_clip): the world's switch (A's clip to T0, then B's clip from its start) scores
+pre 1, latency 0, follow 1, linger 0, hold 0, bg_latency 0, bg_follow 1, bg_linger 0 ("world" row); A's clip frozen on
+its frame T0 - 1 scores pre 1, latency n, follow 0, linger 1, hold n, bg_latency n, bg_follow 0, bg_linger 1 ("frozen"
+row), and so does A's clip carrying on; B shown N frames late (N <= n - C) has latency, hold and bg_latency N. The table
+gives each row's mean over videos with a 95% percentile-bootstrap interval, and the model's per-chunk means after the
+switch.
 """
 
 import json
@@ -37,8 +72,10 @@ import torch
 import torch.nn.functional as F
 
 from config import cli, configure, opt, pick_device, pick_dtype, writable_dir
+import dmd
 import weights
 from data import toyworld
+from dmd import FlowMatch
 from model import WanConfig
 from weights import CheckpointError
 from sink import MODES, SinkCache, rollout, settings_error, settings_mismatch
@@ -52,6 +89,10 @@ SPEED_TOL = 1.5  # measured speed within [v / 1.5, v * 1.5] of the captioned spe
 CHANGE_TOL = 0.3  # a pixel "changed" when a channel moved more than this (palette steps are >= 0.4; noise is not)
 COPY_REF = 2 * 32 / 256  # changed-pixel fraction of a frame whose 6x6 object moved to a non-overlapping place
 METRICS = ("dynamics", "fidelity", "drift", "copy", "alignment", "camera")
+_GRAYS = sorted({g for pair in toyworld.BACKGROUNDS.values() for g in pair})  # every stripe gray of the world
+BG_TOL = round(min(b - a for a, b in zip(_GRAYS, _GRAYS[1:])) / 2, 6)  # on a stripe gray: closer than this (0.2)
+SWITCH_METRICS = ("pre", "latency", "follow", "linger", "hold", "bg_latency", "bg_follow", "bg_linger")
+SWITCH_FRAMES = ("latency", "hold", "bg_latency")  # switch metrics counted in frames (the others are in [0, 1])
 
 
 def asked(caption):
@@ -295,6 +336,88 @@ def per_segment(video, caption, segment_frames=12):
     return out
 
 
+# ----------------------------------------------------------------------------- prompt switches
+
+
+def switch_pairs(n, seed=1, size=16):
+    """n caption pairs (A, B) as toyworld Specs, deterministic in the world seed: A is the i-th clip of world `seed`
+    (the i-th evaluation caption), B the i-th clip of world seed + 1000 with its colour and background redrawn (from
+    its own seeded stream) where they equal A's, so following B and lingering on A are told apart by colour and by
+    background. The i-th pair does not depend on n."""
+    pairs = []
+    for i in range(n):
+        a, b = toyworld.sample_spec(i, seed, size), toyworld.sample_spec(i, seed + 1000, size)
+        rng = np.random.default_rng([seed, i, 1])
+        if b.color == a.color:
+            b.color = str(rng.choice([c for c in toyworld.COLORS if c != a.color]))
+        if b.background == a.background:
+            b.background = str(rng.choice([g for g in toyworld.BACKGROUNDS if g != a.background]))
+        pairs.append((a, b))
+    return pairs
+
+
+def switch_clip(a, b, num_frames, switch_frame, size=16, late=0):
+    """The world's answer to a switch from spec a to spec b at switch_frame: [3, T, S, S], a's clip up to frame
+    switch_frame + late - 1, then b's clip from its first frame. late=0 is the ideal switch; late=N shows A for N
+    more frames (switch latency N); late >= T - switch_frame never leaves A."""
+    t = min(switch_frame + late, num_frames)
+    return torch.cat([toyworld.render(a, t, size), toyworld.render(b, num_frames - t, size)], dim=1)
+
+
+def frozen_clip(a, num_frames, switch_frame, size=16):
+    """A generator that ignores the switch and stops: a's clip up to switch_frame - 1, then its last frame repeated.
+    [3, T, S, S]."""
+    video = toyworld.render(a, switch_frame, size)  # [3, T0, S, S]
+    return torch.cat([video, video[:, -1:].expand(-1, num_frames - switch_frame, -1, -1)], dim=1)
+
+
+def background_match(video, caption):
+    """[T] in [0, 1]: per frame, the share of its gray pixels (channel spread < NEUTRAL_TOL) whose gray level is
+    within BG_TOL of one of the caption's background's two stripe grays. 1: every gray pixel is on that background's
+    stripes (the world's clips of it); 0: none is (another background, or no gray pixel at all)."""
+    video = video.float()
+    neutral = (video.amax(dim=0) - video.amin(dim=0)) < NEUTRAL_TOL  # [T, H, W]
+    gray = video.mean(dim=0)  # [T, H, W]
+    levels = torch.tensor(toyworld.BACKGROUNDS[asked(caption)["background"]], dtype=gray.dtype)  # [2]
+    on = ((gray[..., None] - levels).abs() < BG_TOL).any(dim=-1) & neutral  # [T, H, W]
+    return on.flatten(1).sum(dim=1) / neutral.flatten(1).sum(dim=1).clamp(min=1)
+
+
+def switch_curves(video, a, b, switch_frame):
+    """Per frame after the switch (frames switch_frame .. T - 1 of video [3, T, H, W]): dict of [n] float tensors
+    follow (fidelity to b), linger (fidelity to a), bg_follow (background_match to b), bg_linger (to a)."""
+    after = video[:, switch_frame:].float()  # [3, n, H, W]
+    return dict(follow=fidelity_per_frame(after, b), linger=fidelity_per_frame(after, a),
+                bg_follow=background_match(after, b), bg_linger=background_match(after, a))
+
+
+def switch_score(video, a, b, switch_frame, chunk_frames=3):
+    """The switch metrics of one video [3, T, H, W] that was asked for caption a, then b from switch_frame on (the
+    module docstring defines them): dict name -> float, latency, hold and bg_latency in frames."""
+    cur = switch_curves(video, a, b, switch_frame)
+    C = chunk_frames
+
+    def first_run(ok):  # ok [n] bool -> the first d with ok in frames d .. d + C - 1, else n
+        runs = ok.unfold(0, C, 1).all(dim=1) if len(ok) >= C else ok[:0]  # [n - C + 1]
+        return float(runs.nonzero()[0, 0].item() if runs.any() else len(ok))
+
+    seen_a = (cur["linger"] >= PRESENT_IOU).nonzero()  # post-switch frames in which A's object is found
+    return dict(pre=fidelity(video[:, :switch_frame], a) if switch_frame > 0 else math.nan,
+                latency=first_run(cur["follow"] >= PRESENT_IOU), follow=cur["follow"][C:].mean().item(),
+                linger=cur["linger"].mean().item(), hold=float(seen_a[-1, 0].item() + 1 if len(seen_a) else 0),
+                bg_latency=first_run(cur["bg_follow"] > 0.5), bg_follow=cur["bg_follow"][C:].mean().item(),
+                bg_linger=cur["bg_linger"].mean().item())
+
+
+def interval(values, level=0.95, resamples=1000):
+    """Mean of `values` and a percentile-bootstrap interval for it (seeded: the same values give the same interval):
+    (mean, lo, hi)."""
+    x = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, len(x), size=(resamples, len(x)))  # [resamples, N]
+    lo, hi = np.percentile(x[idx].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
+    return float(x.mean()), float(lo), float(hi)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -304,7 +427,8 @@ class EvalConfig:
                     "WanModel.from_pretrained reads), e.g. out/toy/redmd; default: the shipped toy student")
     key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
     text_encoder: str = opt("data/toy", "folder with tokenizer.json and text_encoder/ (written by data/prepare_toy.py)")
-    num_captions: int = opt(16, "captions to evaluate: toyworld.captions(num_captions, caption_seed)")
+    num_captions: int = opt(16, "captions to evaluate: toyworld.captions(num_captions, caption_seed) (--switch: "
+                                "caption pairs, switch_pairs(num_captions, caption_seed))")
     caption_seed: int = opt(1, "world seed of the evaluation captions (data/toy/prompts.txt uses 0)")
     seeds: list[int] = opt(factory=lambda: [0], help="noise seeds; every caption is rolled out once per seed (repeat "
                                                      "the flag for several)")
@@ -324,9 +448,23 @@ class EvalConfig:
     out_png: str = opt("", "write a grid of frames of the first rollouts here (rows: videos, model above its world "
                            "clip; columns: frames along the rollout)")
     png_videos: int = opt(4, "videos in --out_png")
-    png_frames: int = opt(20, "frames per video in --out_png, evenly spaced")
+    png_frames: int = opt(20, "frames per video in --out_png, evenly spaced (--switch: consecutive, from the chunk "
+                              "before the switch)")
     curve_png: str = opt("", "write dynamics (top) and fidelity (bottom) per segment against rollout length here "
-                             "(red: model, gray: world clips)")
+                             "(red: model, gray: world clips; --switch: follow, linger and bg_follow per chunk after "
+                             "the switch, blue: frozen)")
+    switch: bool = opt(False, "prompt-switch evaluation instead (module docstring): stream caption A, switch to B at "
+                              "--switch_chunk, score how fast and how completely B is followed and how long A lingers")
+    switch_chunk: int = opt(-1, "--switch: the chunk that first streams under caption B (-1: the middle chunk, "
+                                "num_chunks // 2); at least 1, and 2 chunks must follow it")
+    teacher: bool = opt(False, "--ckpt is a bidirectional teacher (a teacher-stage folder means its EMA): sample every "
+                               "video at once with its own Euler sampler and CFG instead of streaming (use its "
+                               "training length, e.g. --num_frames=12)")
+    teacher_steps: int = opt(24, "--teacher: Euler steps")
+    teacher_shift: float = opt(3.0, "--teacher: sigma shift of the Euler grid")
+    guidance: float = opt(2.0, "--teacher: CFG scale against the empty caption (the teacher's unconditional branch)")
+    recache: bool = opt(False, "--switch: also re-encode the window's frames under B at the switch (sample.py's "
+                               "--recache, LongLive's recache)")
 
 
 def check(cfg):
@@ -360,12 +498,33 @@ def check(cfg):
     frames = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
     if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
         raise SystemExit(err)
+    if cfg.teacher and (cfg.switch or cfg.teacher_steps < 1 or cfg.teacher_shift <= 0):
+        raise SystemExit("--teacher: needs --teacher_steps >= 1 and --teacher_shift > 0, and has no --switch (a "
+                         "bidirectional teacher samples the whole video under one caption)")
+    if cfg.switch:
+        switch_chunk(cfg)
+        S = 0 if cfg.sink_mode == "none" else cfg.sink_frames
+        ring = 0 if cfg.sink_mode == "full" else cfg.window_frames - S  # 'full' replays all its frames after the sink
+        if cfg.recache and (S % cfg.chunk_frames or ring % cfg.chunk_frames):
+            raise SystemExit(f"--recache replays whole chunks: the sink ({S} frames) and the window's frames after it "
+                             f"({ring}) must be multiples of --chunk_frames={cfg.chunk_frames}")
     for name in ("out_png", "curve_png"):
         path = getattr(cfg, name)
         if path:
             if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
                 raise SystemExit(f"--{name}={path}: a .png (or .jpg) file path")
             writable_dir(os.path.dirname(path) or ".", f"--{name}={path}")
+
+
+def switch_chunk(cfg):
+    """--switch_chunk resolved (-1: the middle chunk) and checked: the chunk index K that first streams under B."""
+    num_chunks = math.ceil(cfg.num_frames / cfg.chunk_frames)
+    k = num_chunks // 2 if cfg.switch_chunk == -1 else cfg.switch_chunk
+    if not 1 <= k <= num_chunks - 2:
+        raise SystemExit(f"--switch_chunk={cfg.switch_chunk}: the switch needs a chunk of A before it and 2 chunks "
+                         f"of B after it (follow skips the first), so 1 .. {num_chunks - 2} for "
+                         f"--num_frames={cfg.num_frames} ({num_chunks} chunks of {cfg.chunk_frames}), or -1 for the middle")
+    return k
 
 
 def frame_size(cfg):
@@ -376,9 +535,11 @@ def frame_size(cfg):
 
 
 @torch.inference_mode()
-def generate(model, text_encoder, prompts, cfg, seed, batch_index=0):
+def generate(model, text_encoder, prompts, cfg, seed, batch_index=0, switch_to=None):
     """Stream one batch of rollouts: prompts (list of B captions) -> videos [B, 3, T, S, S] float32 on the CPU,
-    clamped to [-1, 1]. The noise comes from one generator seeded with (seed, batch_index)."""
+    clamped to [-1, 1]. The noise comes from one generator seeded with (seed, batch_index). switch_to: B captions
+    that replace `prompts` from chunk switch_chunk(cfg) on, the way sample.py switches (cache.set_prompt between
+    chunks, with cfg.recache); the chunks before the switch are those of the rollout without it."""
     device = next(model.parameters()).device
     dtype = model.blocks[0].self_attn.k.weight.dtype
     S, C = frame_size(cfg), cfg.chunk_frames
@@ -387,8 +548,31 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0):
     cache = SinkCache.from_settings(model, cfg, len(prompts), S, S, num_frames=num_chunks * C)
     cache.set_prompt(model, context)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
-    chunks = [x0.float().cpu() for x0 in rollout(model, cache, num_chunks, generator=gen)]  # [B, 3, C, S, S] each
+    stream = rollout(model, cache, num_chunks, generator=gen)
+    at = switch_chunk(cfg) if switch_to is not None else None
+    chunks = []
+    for k in range(num_chunks):
+        if k == at:  # between chunks, as sample.py switches
+            cache.set_prompt(model, text_encoder(switch_to).to(device=device, dtype=dtype), recache=cfg.recache)
+        chunks.append(next(stream).float().cpu())  # [B, 3, C, S, S]
     return torch.cat(chunks, dim=2).clamp(-1, 1)  # [B, 3, T, S, S]
+
+
+@torch.inference_mode()
+def sample_teacher(model, text_encoder, prompts, cfg, seed, batch_index=0):
+    """--teacher: the bidirectional teacher's videos of `prompts`, all frames denoised together by its own sampler
+    (dmd.euler_sample: teacher_steps Euler steps at shift teacher_shift, CFG `guidance` against the empty caption,
+    whose branch the teacher learned from dropped captions). Noise seeded with (seed, batch_index) as in generate.
+    -> [B, 3, T, S, S] float32 on the CPU, clamped to [-1, 1]."""
+    device = next(model.parameters()).device
+    dtype = model.blocks[0].self_attn.k.weight.dtype
+    S, T = frame_size(cfg), math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
+    x = torch.randn(len(prompts), model.cfg.in_dim, T, S, S, generator=gen, device=device)  # [B, 3, T, S, S]
+    ts = FlowMatch(cfg.teacher_shift).trajectory(cfg.teacher_steps)
+    ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
+    x, _ = dmd.euler_sample(model, x.to(dtype), ts, ctx, uncond, cfg.guidance)
+    return x.float().cpu().clamp(-1, 1)
 
 
 def world_videos(cfg):
@@ -421,7 +605,8 @@ def evaluate(model, text_encoder, cfg, log=print):
     for seed in cfg.seeds:
         for b in range(0, len(prompts), cfg.batch_size):
             batch = prompts[b : b + cfg.batch_size]
-            videos.append(generate(model, text_encoder, batch, cfg, seed, b // cfg.batch_size))
+            sample = sample_teacher if cfg.teacher else generate
+            videos.append(sample(model, text_encoder, batch, cfg, seed, b // cfg.batch_size))
             names += batch
             log(f"seed {seed}: rolled out captions {b}..{b + len(batch) - 1} ({videos[-1].shape[2]} frames)")
     videos = torch.cat(videos)  # [N * seeds, 3, T, S, S]
@@ -435,6 +620,62 @@ def evaluate(model, text_encoder, cfg, log=print):
     result["num_frames"] = T
     result["videos"] = videos
     return result
+
+
+def evaluate_switch(model, text_encoder, cfg, log=print):
+    """Roll out every caption pair x seed with the prompt switched from A to B at chunk switch_chunk(cfg), score the
+    switch, and compare with the world's switch clips and A frozen at the switch. Returns a dict:
+    model / world / frozen: metric -> {mean, lo, hi} (95% bootstrap interval over videos); chunks: the chunk ends in
+    frames after the switch and each row's per-chunk means of follow, linger, bg_follow and bg_linger; pairs: the
+    (A, B) captions; videos: every rollout [N, 3, T, S, S], seed-major (dropped from the JSON)."""
+    S, C = frame_size(cfg), cfg.chunk_frames
+    T = math.ceil(cfg.num_frames / C) * C
+    T0 = switch_chunk(cfg) * C  # the first frame streamed under B
+    pairs = switch_pairs(cfg.num_captions, cfg.caption_seed, S)
+    caps = [(toyworld.caption(a), toyworld.caption(b)) for a, b in pairs]
+    videos, asked_pairs = [], []
+    for seed in cfg.seeds:
+        for i in range(0, len(caps), cfg.batch_size):
+            batch = caps[i : i + cfg.batch_size]
+            videos.append(generate(model, text_encoder, [a for a, _ in batch], cfg, seed, i // cfg.batch_size,
+                                   switch_to=[b for _, b in batch]))
+            asked_pairs += batch
+            log(f"seed {seed}: rolled out pairs {i}..{i + len(batch) - 1} ({T} frames, switch at frame {T0}"
+                + (", recached" if cfg.recache else "") + ")")
+    videos = torch.cat(videos)  # [N * seeds, 3, T, S, S]
+    world = torch.stack([switch_clip(a, b, T, T0, S) for a, b in pairs])  # [N, 3, T, S, S]
+    frozen = torch.stack([frozen_clip(a, T, T0, S) for a, _ in pairs])
+    ends = list(range(C, T - T0 + 1, C))  # chunk ends, in frames after the switch
+    result = dict(chunks=dict(frame_end=ends))
+    for name, vids, cps in (("model", videos, asked_pairs), ("world", world, caps), ("frozen", frozen, caps)):
+        scores = [switch_score(v, a, b, T0, C) for v, (a, b) in zip(vids, cps)]
+        result[name] = {m: dict(zip(("mean", "lo", "hi"), interval([s[m] for s in scores]))) for m in SWITCH_METRICS}
+        curves = [switch_curves(v, a, b, T0) for v, (a, b) in zip(vids, cps)]  # per video: name -> [n]
+        result["chunks"][name] = {k: torch.stack([c[k] for c in curves]).view(len(curves), -1, C).mean(dim=(0, 2))
+                                  .tolist() for k in curves[0]}
+    result.update(num_videos=len(videos), num_frames=T, switch_frame=T0, pairs=caps, videos=videos)
+    return result
+
+
+def format_switch_table(result):
+    T, T0, n = result["num_frames"], result["switch_frame"], result["num_frames"] - result["switch_frame"]
+    lines = [f"{result['num_videos']} rollouts x {T} frames, caption A then B from frame {T0} on ({n} frames after the "
+             f"switch); mean [95% bootstrap interval] over videos; latency, hold and bg_latency in frames (0 .. {n})",
+             "  world: A's clip, then B's from its start; frozen: A's clip stopped at the switch"]
+    for group in (SWITCH_METRICS[:5], SWITCH_METRICS[5:]):  # the object's metrics, then the background's
+        lines.append(f"{'':8s}" + "".join(f"{m:>22s}" for m in group))
+        for name in ("model", "world", "frozen"):
+            cells = []
+            for m in group:
+                r, f = result[name][m], ".1f" if m in SWITCH_FRAMES else ".3f"
+                cells.append(f"{r['mean']:{f}} [{r['lo']:{f}}, {r['hi']:{f}}]".rjust(22))
+            lines.append(f"{name:8s}" + "".join(cells))
+    ch = result["chunks"]
+    lines.append("")
+    lines.append("model per chunk after the switch (frames up to): " + " ".join(f"{f:>6d}" for f in ch["frame_end"]))
+    for k in ("follow", "linger", "bg_follow", "bg_linger"):
+        lines.append(f"  {k:46s}  " + " ".join(f"{x:6.3f}" for x in ch["model"][k]))
+    return "\n".join(lines)
 
 
 def format_table(result):
@@ -523,6 +764,8 @@ def main(argv=None):
         raise SystemExit(f"loading failed: {err}") from None
     for line in settings_mismatch(model.trained_with, cfg):
         print(f"note: {line}")
+    if cfg.switch:
+        return main_switch(model, te, cfg)
     result = evaluate(model, te, cfg)
     print(format_table(result))
     videos = result.pop("videos")
@@ -543,6 +786,37 @@ def main(argv=None):
         print(f"wrote {cfg.curve_png}: top dynamics (0 .. {ymax:.3f}), bottom fidelity (0 .. 1) against frames "
               f"(ticks at {seg['frame_end'][0]}, {seg['frame_end'][1] if len(seg['frame_end']) > 1 else ''} ...); "
               f"red model, gray world")
+    result["config"] = asdict(cfg)
+    print(json.dumps(no_nan(result)))
+    return result
+
+
+def main_switch(model, te, cfg):
+    """main() for --switch=true: the switch table, the pictures and the JSON line."""
+    import imageio.v2 as imageio
+
+    result = evaluate_switch(model, te, cfg)
+    print(format_switch_table(result))
+    videos = result.pop("videos")
+    T, T0, C = result["num_frames"], result["switch_frame"], cfg.chunk_frames
+    if cfg.out_png:  # consecutive frames around the switch, so the latency can be counted in columns
+        n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is pair i under the first seed
+        pairs = switch_pairs(n, cfg.caption_seed, frame_size(cfg))
+        world = [switch_clip(a, b, T, T0, frame_size(cfg)) for a, b in pairs]
+        first = max(0, min(T0 - C, T - cfg.png_frames))
+        last = min(T, first + cfg.png_frames)
+        rows = torch.stack([v for i in range(n) for v in (videos[i], world[i])])[:, :, first:last]
+        imageio.imwrite(cfg.out_png, frame_grid(rows, last - first))
+        print(f"wrote {cfg.out_png}: rows = (model, world) per pair, frames {first}..{last - 1} (B from frame {T0}, "
+              f"column {T0 - first}); pairs " + "; ".join(f"{a!r} -> {b!r}" for a, b in result["pairs"][:n]))
+    if cfg.curve_png:
+        ch = result["chunks"]
+        colors = {"model": (220, 30, 30), "world": (150, 150, 150), "frozen": (40, 80, 220)}
+        series = [(k, {r: ch[r][k] for r in ("world", "frozen", "model")}, colors, 1.0)
+                  for k in ("follow", "linger", "bg_follow")]
+        imageio.imwrite(cfg.curve_png, curve_image(ch["frame_end"], series))
+        print(f"wrote {cfg.curve_png}: follow_B, linger_A and bg_follow (0 .. 1, top to bottom) per chunk against "
+              f"frames after the switch; red model, gray world, blue frozen")
     result["config"] = asdict(cfg)
     print(json.dumps(no_nan(result)))
     return result
