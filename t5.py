@@ -7,6 +7,7 @@ Hugging Face UMT5EncoderModel layout (Diffusers `text_encoder/`) is renamed in w
 """
 
 import html
+import json
 import math
 import re
 import warnings
@@ -270,3 +271,18 @@ class TextEncoder(nn.Module):
         if lost:
             raise FileNotFoundError(f"{folder}: missing {' and '.join(lost)}; download them from {weights.WAN_WHERE}")
         return cls(Tokenizer(tok, text_len), T5Encoder.from_pretrained(enc, dtype=dtype, device=device))
+
+    def save(self, folder):
+        """Write tokenizer.json and text_encoder/ (config.json with Diffusers' umT5 names + model.safetensors): the
+        layout from_pretrained reads back (data/prepare_toy.py writes the toy world's encoder this way)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(folder / "tokenizer.json")
+        enc, c = self.encoder, self.encoder.cfg
+        save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, folder / "text_encoder" / "model.safetensors")
+        hf = {"vocab_size": c.vocab, "d_model": c.dim, "d_kv": c.dim_attn // c.num_heads, "d_ff": c.dim_ffn,
+              "num_heads": c.num_heads, "num_layers": c.num_layers, "relative_attention_num_buckets": c.num_buckets,
+              "relative_attention_max_distance": c.max_distance, "layer_norm_epsilon": c.eps}
+        (folder / "text_encoder" / "config.json").write_text(json.dumps(hf, indent=1))

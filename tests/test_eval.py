@@ -182,18 +182,9 @@ def test_evaluate_smoke():
 
 
 def test_cli_writes_table_pictures_and_json(tmp_path, capsys):
-    from safetensors.torch import save_file
-
     model, te = tiny_student_and_encoder()
     save_safetensors(model, tmp_path / "student.safetensors")
-    (tmp_path / "toy" / "text_encoder").mkdir(parents=True)
-    te.tokenizer.tok.save(str(tmp_path / "toy" / "tokenizer.json"))
-    c = te.encoder.cfg
-    save_file(te.encoder.state_dict(), tmp_path / "toy" / "text_encoder" / "model.safetensors")
-    (tmp_path / "toy" / "text_encoder" / "config.json").write_text(json.dumps(dict(
-        vocab_size=c.vocab, d_model=c.dim, d_kv=c.dim_attn // c.num_heads, d_ff=c.dim_ffn, num_heads=c.num_heads,
-        num_layers=c.num_layers, relative_attention_num_buckets=c.num_buckets,
-        relative_attention_max_distance=c.max_distance, layer_norm_epsilon=c.eps)))
+    te.save(tmp_path / "toy")
     E.main([f"--ckpt={tmp_path / 'student.safetensors'}", f"--text_encoder={tmp_path / 'toy'}", "--num_captions=2",
             "--num_frames=12", "--segment_frames=6", "--seeds=0", "--seeds=1", "--sink_mode=static",
             f"--out_png={tmp_path / 'grid.png'}", f"--curve_png={tmp_path / 'curve.png'}"])

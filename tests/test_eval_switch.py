@@ -131,8 +131,6 @@ def test_lingering_pieces_of_a():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random RGB student and text encoder, in memory and as the files the CLI reads."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
     cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=32, text_len=24,
                     in_dim=3, out_dim=3)  # text_len 24: the longest caption is 18 words + EOS; 2 layers, so the
@@ -141,14 +139,7 @@ def tiny(tmp_path_factory):
     model, te = WanModel(cfg).eval(), tiny_text_encoder(tw.WORDS, cfg.text_dim, cfg.text_len)
     d = tmp_path_factory.mktemp("tiny")
     save_safetensors(model, d / "student.safetensors")
-    (d / "toy" / "text_encoder").mkdir(parents=True)
-    te.tokenizer.tok.save(str(d / "toy" / "tokenizer.json"))
-    c = te.encoder.cfg
-    save_file(te.encoder.state_dict(), d / "toy" / "text_encoder" / "model.safetensors")
-    (d / "toy" / "text_encoder" / "config.json").write_text(json.dumps(dict(
-        vocab_size=c.vocab, d_model=c.dim, d_kv=c.dim_attn // c.num_heads, d_ff=c.dim_ffn, num_heads=c.num_heads,
-        num_layers=c.num_layers, relative_attention_num_buckets=c.num_buckets,
-        relative_attention_max_distance=c.max_distance, layer_norm_epsilon=c.eps)))
+    te.save(d / "toy")
     return model, te, [f"--ckpt={d / 'student.safetensors'}", f"--text_encoder={d / 'toy'}"]
 
 
