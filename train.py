@@ -105,6 +105,9 @@ class TrainConfig:
     caption_dropout: float = opt(0.1, "teacher pretraining: share of empty captions (for CFG)")
     lr_teacher: float = opt(3e-4, "teacher pretraining learning rate")
     teacher_ema_decay: float = opt(0.999, "teacher pretraining: EMA decay of the saved teacher")
+    init: str = opt("", "teacher pretraining: start from these weights instead of a random init (a file, or a "
+                        "teacher-stage folder: its EMA), e.g. a teacher trained on shorter clips; the optimizer starts "
+                        "fresh")
     # ODE stage
     ode_pairs: int = opt(16000, "teacher trajectories to sample (paper: 16k)")
     ode_steps: int = opt(48, "teacher Euler steps")
@@ -261,18 +264,21 @@ def resolve(cfg):
     ode_ckpt = latest_checkpoint(os.path.join(cfg.out_dir, "ode"))
     if cfg.stage == "redmd" and not student and ode_ckpt:  # Re-DMD starts from the ODE stage's student
         student = os.path.join(ode_ckpt, "generator.safetensors")
+    init = stage_file(cfg.init, "teacher_ema")
+    need(not init or cfg.stage == "teacher", f"--init={cfg.init}: only --stage=teacher takes it (the ODE stage starts "
+                                             "from --teacher or --student, Re-DMD from --student)")
     nets = {}  # each network's config, from its checkpoint's header (names and shapes, no tensor read)
-    for name, path in (("teacher", teacher), ("student", student), ("critic", cfg.critic)):
-        if path and cfg.stage != "teacher":
+    for name, path in (("teacher", teacher), ("student", student), ("critic", cfg.critic), ("init", init)):
+        if path and (cfg.stage != "teacher") == (name != "init"):
             need(os.path.exists(path), f"--{name}={path}: no such file or folder")
             try:
                 nets[name] = weights.dit(path, WanConfig)[1]
             except (CheckpointError, OSError) as err:
                 raise SystemExit(f"--{name}={getattr(cfg, name)}: {err}") from None
-    if "teacher" not in nets:
+    if "teacher" not in nets and "init" not in nets:
         need(cfg.model in PRESETS, f"--model={cfg.model}: takes one of {', '.join(PRESETS)}"
                                    + ("" if cfg.stage == "teacher" else " (or give --teacher)"))
-    net = nets.get("teacher") or PRESETS[cfg.model]  # the network the sizes must fit
+    net = nets.get("teacher") or nets.get("init") or PRESETS[cfg.model]  # the network the sizes must fit
     need((err := settings_error(cfg, F, net.rope_max_len)) is None, err)
     _, ph, pw = net.patch_size
     need(cfg.height % (ss * ph) == 0 and cfg.width % (ss * pw) == 0,
@@ -325,7 +331,7 @@ def resolve(cfg):
     neg = cfg.negative_prompt
     if neg is None:  # Wan's long negative prompt is umT5's; a tiny encoder of a few rows gets a short one
         neg = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
-    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher)
+    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher, init=init)
     done = os.path.join(here, "pairs", "done.json")
     if cfg.stage == "ode" and os.path.exists(done):  # pairs of an earlier run are reused if they are these settings'
         pairs = os.path.dirname(done)
@@ -484,7 +490,7 @@ def train_teacher(cfg, lat, proc):
 
     dev = proc.device
     torch.manual_seed(cfg.seed)
-    teacher = WanModel(PRESETS[cfg.model]).init_weights().to(dev)
+    teacher = load_net(cfg.init, "init", cfg, proc) if cfg.init else WanModel(PRESETS[cfg.model]).init_weights().to(dev)
     encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], teacher.cfg, dev)  # the vocabulary, for a tiny one
     teacher.grad_ckpt = cfg.grad_ckpt
     teacher_ema = copy.deepcopy(teacher).requires_grad_(False).eval()

@@ -95,6 +95,7 @@ def probes(tmp):
         (train + ["--beta=0"], "--beta=0.0: the temperature is > 0"),
         (train + ["--lr_student=0"], "--lr_student=0.0: must be > 0"),
         (train + ["--reward=clip"], "--reward=clip: takes videoalign, toy, motion, none"),
+        (train + ["--stage=ode", f"--init={tmp / 'a_file'}"], f"--init={tmp / 'a_file'}: only --stage=teacher takes it"),
         (train + ["--reward=toy", f"--reward_ckpt={tmp / 'nowhere.safetensors'}"],
          f"--reward=toy: {tmp / 'nowhere.safetensors'}: no such file (train it once: python reward.py train)"),
         (train + ["--batch_size=0"], "--batch_size=0: must be >= 1"),

@@ -266,6 +266,13 @@ def test_toy_recipe_each_stage_runs(tmp_path):
     assert (out / "teacher" / "step_000002" / "teacher_ema.safetensors").exists()
     lr = [r["lr"] for r in rows(out / "teacher" / "log.jsonl")]  # warm-up 1/2, 1, then the cosine's end, 1/4
     assert lr[0] == pytest.approx(lr[1] / 2) and lr[2] == pytest.approx(lr[1] / 4)
+    # --init: a second teacher run (here on longer clips) starts from the first one's EMA, not from a random init
+    more = [a for a in small if not a.startswith(("--out_dir", "--num_frames"))]
+    run([*more, f"--out_dir={tmp_path / 'longer'}", "--num_frames=9", "--stage=teacher", "--max_iters=1",
+         "--lr_teacher=1e-12", f"--init={out}/teacher"])
+    start = load_file(str(out / "teacher" / "step_000003" / "teacher_ema.safetensors"))
+    after = load_file(str(tmp_path / "longer" / "teacher" / "step_000001" / "teacher.safetensors"))
+    assert all(torch.allclose(after[k], start[k], atol=1e-8) for k in start)
     stdout = run([*small, "--stage=ode", "--max_iters=2", "--ode_pairs=2", "--ode_steps=4"])
     assert f"teacher: {out}/teacher/step_000003/teacher_ema.safetensors" in stdout  # the latest
     stdout = run([*small, "--stage=redmd", "--max_iters=2", "--student_every=1"])
