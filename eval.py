@@ -5,7 +5,7 @@ latent frame.
 
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
     python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
-    python eval.py --ckpt out/toy/teacher --teacher=true --num_frames=12   # the bidirectional teacher, its own sampler
+    python eval.py --teacher out/toy/teacher --num_frames=12   # the bidirectional teacher, with its own sampler
     python eval.py --ckpt out/toy/redmd --switch=true --sink_mode=static --out_png switch.png   # prompt switches
 
 Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
@@ -457,11 +457,11 @@ class EvalConfig:
                               "--switch_chunk, score how fast and how completely B is followed and how long A lingers")
     switch_chunk: int = opt(-1, "--switch: the chunk that first streams under caption B (-1: the middle chunk, "
                                 "num_chunks // 2); at least 1, and 2 chunks must follow it")
-    teacher: bool = opt(False, "--ckpt is a bidirectional teacher (a teacher-stage folder means its EMA): sample every "
-                               "video at once with its own Euler sampler and CFG instead of streaming (use its "
-                               "training length, e.g. --num_frames=12)")
-    teacher_steps: int = opt(24, "--teacher: Euler steps")
-    teacher_shift: float = opt(3.0, "--teacher: sigma shift of the Euler grid")
+    teacher: str = opt("", "score this bidirectional teacher instead of --ckpt (a file, or a teacher-stage folder: its "
+                           "EMA): every video sampled at once by its own Euler sampler with CFG, not streamed (use its "
+                           "training length, e.g. --num_frames=12)")
+    euler_steps: int = opt(24, "--teacher: Euler steps")
+    euler_shift: float = opt(3.0, "--teacher: sigma shift of the Euler grid")
     guidance: float = opt(2.0, "--teacher: CFG scale against the empty caption (the teacher's unconditional branch)")
     recache: bool = opt(False, "--switch: also re-encode the window's frames under B at the switch (sample.py's "
                                "--recache, LongLive's recache)")
@@ -479,27 +479,29 @@ def check(cfg):
     if (err := settings_error(cfg)) is not None:  # first alone: the frame count below divides by chunk_frames
         raise SystemExit(err)
     frame_size(cfg)
-    if not cfg.ckpt:
+    net = "teacher" if cfg.teacher else "ckpt"  # the network scored: --teacher replaces --ckpt
+    if not cfg.ckpt and not cfg.teacher:
         raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
     here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
-    for name in ("ckpt", "text_encoder"):
+    for name in (net, "text_encoder"):
         path = getattr(cfg, name)
         if not os.path.exists(path) and os.path.exists(os.path.join(here, path)):
             setattr(cfg, name, os.path.join(here, path))
         if not os.path.exists(getattr(cfg, name)):
             raise SystemExit(f"--{name}={path}: no such file or folder")
+    path = getattr(cfg, net)
     try:
-        _, model_cfg = weights.dit(cfg.ckpt, WanConfig, key=cfg.key or None)  # the header: no tensor read
+        _, model_cfg = weights.dit(path, WanConfig, key=cfg.key or None)  # the header: no tensor read
     except (CheckpointError, OSError) as err:
-        raise SystemExit(f"--ckpt={cfg.ckpt}: {err}") from None
+        raise SystemExit(f"--{net}={path}: {err}") from None
     if model_cfg.in_dim != 3:
-        raise SystemExit(f"--ckpt={cfg.ckpt}: in_dim {model_cfg.in_dim}; eval.py scores toy-world students (RGB "
+        raise SystemExit(f"--{net}={path}: in_dim {model_cfg.in_dim}; eval.py scores toy-world networks (RGB "
                          "latents, in_dim 3)")
     frames = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
     if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
         raise SystemExit(err)
-    if cfg.teacher and (cfg.switch or cfg.teacher_steps < 1 or cfg.teacher_shift <= 0):
-        raise SystemExit("--teacher: needs --teacher_steps >= 1 and --teacher_shift > 0, and has no --switch (a "
+    if cfg.teacher and (cfg.switch or cfg.euler_steps < 1 or cfg.euler_shift <= 0):
+        raise SystemExit("--teacher: needs --euler_steps >= 1 and --euler_shift > 0, and has no --switch (a "
                          "bidirectional teacher samples the whole video under one caption)")
     if cfg.switch:
         switch_chunk(cfg)
@@ -561,7 +563,7 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0, switch_to=N
 @torch.inference_mode()
 def sample_teacher(model, text_encoder, prompts, cfg, seed, batch_index=0):
     """--teacher: the bidirectional teacher's videos of `prompts`, all frames denoised together by its own sampler
-    (dmd.euler_sample: teacher_steps Euler steps at shift teacher_shift, CFG `guidance` against the empty caption,
+    (dmd.euler_sample: euler_steps Euler steps at shift euler_shift, CFG `guidance` against the empty caption,
     whose branch the teacher learned from dropped captions). Noise seeded with (seed, batch_index) as in generate.
     -> [B, 3, T, S, S] float32 on the CPU, clamped to [-1, 1]."""
     device = next(model.parameters()).device
@@ -569,7 +571,7 @@ def sample_teacher(model, text_encoder, prompts, cfg, seed, batch_index=0):
     S, T = frame_size(cfg), math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
     x = torch.randn(len(prompts), model.cfg.in_dim, T, S, S, generator=gen, device=device)  # [B, 3, T, S, S]
-    ts = FlowMatch(cfg.teacher_shift).trajectory(cfg.teacher_steps)
+    ts = FlowMatch(cfg.euler_shift).trajectory(cfg.euler_steps)
     ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
     x, _ = dmd.euler_sample(model, x.to(dtype), ts, ctx, uncond, cfg.guidance)
     return x.float().cpu().clamp(-1, 1)
@@ -758,7 +760,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     try:
-        model = WanModel.from_pretrained(cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
+        model = WanModel.from_pretrained(cfg.teacher or cfg.ckpt, dtype=dtype, device=device, key=cfg.key or None)
         te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=model.cfg.text_len)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         raise SystemExit(f"loading failed: {err}") from None

@@ -226,9 +226,9 @@ class OracleTeacher(torch.nn.Module):
 
 
 def test_teacher_mode_samples_the_whole_video_with_the_teachers_sampler():
-    """--teacher=true: eval samples each caption with dmd.euler_sample over all frames; with the oracle teacher the
+    """--teacher: eval samples each caption with dmd.euler_sample over all frames; with the oracle teacher the
     videos are the world's clips, which score fidelity, alignment and camera 1, from every noise seed."""
-    cfg = dataclasses.replace(small_cfg(), teacher=True, num_captions=3, seeds=[0, 1], teacher_steps=5, guidance=1.0)
+    cfg = dataclasses.replace(small_cfg(), teacher="oracle", num_captions=3, seeds=[0, 1], euler_steps=5, guidance=1.0)
     world, _ = E.world_videos(cfg)
     captions = tw.captions(cfg.num_captions, cfg.caption_seed)
     encode = lambda ps: torch.tensor([captions.index(p) if p else -1 for p in ps], dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
