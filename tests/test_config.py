@@ -78,7 +78,7 @@ def test_prompt_files_and_presets_from_any_directory(tmp_path, monkeypatch):
 
 def test_real_runs_default_to_the_papers_reward_and_mask():
     """train.py's defaults are the paper's: the VideoAlign reward (no silent toy reward in a real run) and the ODE
-    stage's full block-causal mask; config/toy.py chooses the weightless motion reward itself."""
+    stage's full block-causal mask; config/toy.py chooses the learned toy reward itself, whose file is shipped."""
     from pathlib import Path
 
     import train
@@ -88,4 +88,4 @@ def test_real_runs_default_to_the_papers_reward_and_mask():
     assert train.ode_attention(cfg) == {"window_frames": None, "sink_frames": 0}
     toy = Path(__file__).resolve().parent.parent / "config" / "toy.py"
     toy_cfg = configure(train.TrainConfig(), [str(toy)])
-    assert toy_cfg.reward == "motion" and toy_cfg.ode_mask == "causal"
+    assert toy_cfg.reward == "toy" and toy_cfg.ode_mask == "causal" and Path(train.TOY_REWARD).is_file()
