@@ -365,11 +365,6 @@ def gaussian_blur(x, sigma):
     return F.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
 
 
-def toy_world_clip(spec, start, T, size):
-    bg, pos, masks, color = world_layers(spec, start, T, size)
-    return compose(bg, place(masks, pos, size), color)
-
-
 def toy_break_video(v, kind, sev, rng):
     """The perturbations that act on a whole video (3, T, H, W) -> the same shape; kind: one of TOY_VIDEO_KINDS."""
     _, T, H, W = v.shape
@@ -495,7 +490,7 @@ def toy_batch(rng, n, world, first, T_max, size, T=None, kinds=TOY_KINDS, p=TOY_
         spec = toyworld.sample_spec(first + i, world, size)
         start = int(rng.integers(0, T_max - T + 1))
         k, sev = int(rng.choice(len(kinds), p=p)), float(rng.random())
-        pos.append(toy_augment(toy_world_clip(spec, start, T, size), rng))
+        pos.append(toy_augment(toyworld.render(spec, start + T, size)[:, start:], rng))  # frames start .. start+T-1
         v, qk = toy_perturbed(spec, kinds[k][0], sev, rng, start, T, size, mode=kinds[k][1]), toy_target(sev)
         if rng.random() < TOY_COMPOUND:
             sev2 = float(rng.random())

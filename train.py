@@ -35,7 +35,8 @@ Where this trainer departs from the released Reward Forcing trainer, on purpose:
     960, 888.9, 727.3, while its student samples at shift 5: t = 1000, 937.5, 833.3, 625.
   - Options beyond the paper, off by default: --reward_clip=c clamps r before exp(r / beta), whose weights are
     heavy-tailed for a z-scored r (E[exp(2 z)] = e^2); --reward_norm=true divides the gradient by the mean weight
-    over the global batch; --beta=inf or --reward=none is plain DMD; --reward=motion is a weightless toy reward.
+    over the global batch; --beta=inf or --reward=none is plain DMD; --reward=toy is the toy world's learned reward,
+    --reward=motion a weightless one.
 Every random draw comes from (seed, step, rank), so --resume=true continues exactly; checkpoints are written
 atomically (plumbing.py). A non-finite loss stops the run before the optimizer step and names the last good
 checkpoint. With no --teacher / --text_encoder / --vae the networks are random tiny presets with a word-level tiny
@@ -306,9 +307,10 @@ def resolve(cfg):
             unknown = sorted({w for p in prompts for w in words(p)})
             need(not unknown, f"--prompts={cfg.prompts}: words outside the vocabulary of --text_encoder="
                               f"{cfg.text_encoder}: {', '.join(unknown[:10])}")
+    reward_ckpt = cfg.reward_ckpt or (TOY_REWARD if cfg.reward == "toy" else "")  # the toy reward's shipped file
     if cfg.reward == "toy" and cfg.stage == "redmd":
-        need(os.path.isfile(cfg.reward_ckpt or TOY_REWARD), f"--reward=toy: {cfg.reward_ckpt or TOY_REWARD}: no such "
-             "file (train it once: python reward.py train)")
+        need(os.path.isfile(reward_ckpt), f"--reward=toy: {reward_ckpt}: no such file (train it once: python reward.py "
+             "train)")
     if cfg.reward == "videoalign" and cfg.stage == "redmd":  # the default: no silent fallback to a toy reward
         lost = [f"--{name}" + (f"={path} (no such file)" if path else " (unset)")
                 for name in ("reward_ckpt", "reward_tokenizer", "reward_template")
@@ -331,7 +333,8 @@ def resolve(cfg):
     neg = cfg.negative_prompt
     if neg is None:  # Wan's long negative prompt is umT5's; a tiny encoder of a few rows gets a short one
         neg = NEGATIVE_PROMPT if cfg.text_encoder else "static blurry"
-    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher, init=init)
+    cfg = replace(cfg, dtype=dtype, negative_prompt=neg, student=student, teacher=teacher, init=init,
+                  reward_ckpt=reward_ckpt)
     done = os.path.join(here, "pairs", "done.json")
     if cfg.stage == "ode" and os.path.exists(done):  # pairs of an earlier run are reused if they are these settings'
         pairs = os.path.dirname(done)
@@ -408,7 +411,7 @@ def reward_model(cfg, device):
         from reward import ToyMotionReward
 
         try:
-            return ToyMotionReward.from_pretrained(cfg.reward_ckpt or TOY_REWARD, device=device)
+            return ToyMotionReward.from_pretrained(cfg.reward_ckpt, device=device)
         except (FileNotFoundError, CheckpointError) as err:
             raise SystemExit(f"--reward=toy: {err}") from None
     if cfg.reward == "videoalign":

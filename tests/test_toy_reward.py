@@ -45,11 +45,13 @@ def perturbed(specs, kind, mode, sev, seed=0):
 
 
 def test_world_layers_compose_to_the_world_render():
-    """The training positives are exactly the world's clips, for any window of frames."""
+    """The layers the perturbations break recompose exactly into the world's clips, for any window of frames, so an
+    unbroken negative would be a positive."""
     for i in range(40):
         spec = tw.sample_spec(i, 7)
         start = i % 5
-        assert torch.equal(R.toy_world_clip(spec, start, T, S), tw.render(spec, start + T)[:, start:])
+        bg, pos, masks, color = R.world_layers(spec, start, T, S)
+        assert torch.equal(R.compose(bg, R.place(masks, pos, S), color), tw.render(spec, start + T)[:, start:])
 
 
 def test_every_perturbation_breaks_the_clip_in_its_own_way():
