@@ -6,6 +6,7 @@ latent frame.
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
     python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
     python eval.py --teacher out/toy/teacher --num_frames=12   # the bidirectional teacher, with its own sampler
+    python eval.py --ckpt out/toy/redmd --out_png cmp.png --png_teacher out/toy/teacher   # student, teacher, world
     python eval.py --ckpt out/toy/redmd --switch=true --sink_mode=static --out_png switch.png   # prompt switches
 
 Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
@@ -65,7 +66,7 @@ switch.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -448,6 +449,9 @@ class EvalConfig:
     out_png: str = opt("", "write a grid of frames of the first rollouts here (rows: videos, model above its world "
                            "clip; columns: frames along the rollout)")
     png_videos: int = opt(4, "videos in --out_png")
+    png_teacher: str = opt("", "--out_png: also sample this bidirectional teacher (a file, or a teacher-stage folder: "
+                               "its EMA) on the same captions and first noise seed at its training length, and draw "
+                               "it between the model and the world rows; every row then shows those first frames")
     png_frames: int = opt(20, "frames per video in --out_png, evenly spaced (--switch: consecutive, from the chunk "
                               "before the switch)")
     curve_png: str = opt("", "write dynamics (top) and fidelity (bottom) per segment against rollout length here "
@@ -510,6 +514,19 @@ def check(cfg):
         if cfg.recache and (S % cfg.chunk_frames or ring % cfg.chunk_frames):
             raise SystemExit(f"--recache replays whole chunks: the sink ({S} frames) and the window's frames after it "
                              f"({ring}) must be multiples of --chunk_frames={cfg.chunk_frames}")
+    if cfg.png_teacher:
+        if cfg.teacher or cfg.switch or not cfg.out_png:
+            raise SystemExit("--png_teacher draws a teacher under a student's rollouts in --out_png: give --out_png, "
+                             "and not with --teacher or --switch")
+        if not os.path.exists(cfg.png_teacher):
+            raise SystemExit(f"--png_teacher={cfg.png_teacher}: no such file or folder")
+        try:
+            _, teacher_cfg = weights.dit(cfg.png_teacher, WanConfig)
+        except (CheckpointError, OSError) as err:
+            raise SystemExit(f"--png_teacher={cfg.png_teacher}: {err}") from None
+        if (teacher_cfg.in_dim, teacher_cfg.text_len) != (model_cfg.in_dim, model_cfg.text_len):
+            raise SystemExit(f"--png_teacher={cfg.png_teacher}: in_dim {teacher_cfg.in_dim}, text_len "
+                             f"{teacher_cfg.text_len}; the student has {model_cfg.in_dim}, {model_cfg.text_len}")
     for name in ("out_png", "curve_png"):
         path = getattr(cfg, name)
         if path:
@@ -698,6 +715,22 @@ def format_table(result):
 # ----------------------------------------------------------------------------- pictures (numpy rasters, no matplotlib)
 
 
+def teacher_rows(videos, world, cfg, dtype=None, device=None):
+    """--png_teacher: the first len(videos) evaluation captions as rows (model, teacher, world) per caption, each cut to
+    the teacher's training length T (its checkpoint's num_frames, else 12): the teacher samples the whole clip at once
+    with its own sampler (sample_teacher, first noise seed). videos, world [n, 3, >= T, S, S] -> list of 3n [3, T, S, S]."""
+    from model import WanModel
+    from t5 import TextEncoder
+
+    teacher = WanModel.from_pretrained(cfg.png_teacher, dtype=dtype, device=device)
+    te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=teacher.cfg.text_len)
+    T = min(int((teacher.trained_with or {}).get("num_frames", 12)), videos.shape[2])
+    tcfg = replace(cfg, num_frames=T)
+    taught = sample_teacher(teacher, te, toyworld.captions(len(videos), cfg.caption_seed), tcfg, cfg.seeds[0])
+    T = min(T, taught.shape[2])  # whole chunks
+    return [v[:, :T] for i in range(len(videos)) for v in (videos[i], taught[i], world[i])]
+
+
 def frame_grid(videos, n_frames=20, scale=4):
     """videos [N, 3, T, S, S] -> uint8 image [h, w, 3]: one row per video, n_frames evenly spaced frames."""
     T = videos.shape[2]
@@ -774,9 +807,14 @@ def main(argv=None):
     if cfg.out_png:
         n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is caption i under the first seed
         world, _ = world_videos(cfg)
-        pairs = torch.stack([v for i in range(n) for v in (videos[i], world[i])])  # model above world, per caption
-        imageio.imwrite(cfg.out_png, frame_grid(pairs, cfg.png_frames))
-        print(f"wrote {cfg.out_png}: rows = (model, world) for captions "
+        if cfg.png_teacher:  # model, teacher, world per caption, over the teacher's frames
+            rows, names = teacher_rows(videos[:n], world[:n], cfg, dtype=dtype, device=device), "model, teacher, world"
+            grid = toyworld.strip(rows)
+        else:
+            rows, names = [v for i in range(n) for v in (videos[i], world[i])], "model, world"
+            grid = frame_grid(torch.stack(rows), cfg.png_frames)
+        imageio.imwrite(cfg.out_png, grid)
+        print(f"wrote {cfg.out_png}: rows = ({names}) for captions "
               + "; ".join(repr(c) for c in toyworld.captions(n, cfg.caption_seed)))
     if cfg.curve_png:
         seg = result["segments"]

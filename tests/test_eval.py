@@ -119,6 +119,7 @@ def test_wrong_colour_or_shape_fails_fidelity():
     assert E.fidelity(broken, text) < 0.7
 
 
+
 def test_wrong_motion_fails_alignment():
     text = tw.caption(SPEC)  # moves right slowly, from x=5
     assert E.alignment(tw.render(SPEC, 12), text) == 1.0
@@ -236,3 +237,33 @@ def test_teacher_mode_samples_the_whole_video_with_the_teachers_sampler():
     assert torch.allclose(result["videos"], torch.cat([world, world]), atol=1e-4)
     for m in ("fidelity", "alignment", "camera"):
         assert result["model"][m]["mean"] == 1.0
+
+
+def test_png_teacher_rows_are_model_teacher_world(monkeypatch):
+    """--png_teacher: per caption the rows are the student's rollout, the teacher's own sample and the world's clip,
+    all cut to the teacher's training length (its checkpoint's num_frames). With the oracle teacher the middle row is
+    the world's clip, so its frames must equal the third row's."""
+    cfg = dataclasses.replace(small_cfg(), num_captions=3, seeds=[0], euler_steps=5, guidance=1.0, png_teacher="t")
+    world, _ = E.world_videos(cfg)  # [3, 3, 12, 16, 16]
+    captions = tw.captions(cfg.num_captions, cfg.caption_seed)
+    oracle = OracleTeacher(world[:, :, :6])
+    oracle.trained_with = {"num_frames": 6}
+    encode = lambda ps: torch.tensor([captions.index(p) if p else -1 for p in ps], dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+    import model
+    import t5
+
+    monkeypatch.setattr(model.WanModel, "from_pretrained", classmethod(lambda cls, path, **kw: oracle))
+    monkeypatch.setattr(t5.TextEncoder, "from_pretrained", classmethod(lambda cls, path, **kw: encode))
+    student = torch.rand(3, 3, 12, 16, 16) * 2 - 1
+    rows = E.teacher_rows(student, world, cfg)
+    assert len(rows) == 9 and all(r.shape == (3, 6, 16, 16) for r in rows)
+    for i in range(3):
+        assert torch.equal(rows[3 * i], student[i, :, :6]) and torch.equal(rows[3 * i + 2], world[i, :, :6])
+        assert torch.allclose(rows[3 * i + 1], world[i, :, :6], atol=1e-4)
+
+
+def test_png_teacher_needs_a_png_and_a_student(tmp_path):
+    with pytest.raises(SystemExit, match="give --out_png"):
+        E.main([f"--png_teacher={tmp_path}"])
+    with pytest.raises(SystemExit, match="no such file"):
+        E.main([f"--png_teacher={tmp_path / 'nothing.safetensors'}", f"--out_png={tmp_path / 'g.png'}"])
