@@ -419,6 +419,58 @@ def interval(values, level=0.95, resamples=1000):
     return float(x.mean()), float(lo), float(hi)
 
 
+# two-sided 95% quantiles of Student's t for 1 .. 10 degrees of freedom (standard tables); beyond, the Cornish-Fisher
+# expansion around the normal's 1.959964, which is within 1e-3 of the exact quantile there
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281)
+
+
+def t975(df):
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def over_runs(rows):
+    """Rows of several training runs (each: metric -> {"mean": ...}, e.g. evaluate()["model"]) -> metric -> {mean,
+    lo, hi, runs}: the mean over runs of the per-run means and a 95% t-interval, mean ± t(n-1) s / sqrt(n) with the
+    sample std s over runs (lo = hi = mean for one run). A metric that is nan in some run uses the others."""
+    out = {}
+    for m in rows[0]:
+        x = np.array([r[m]["mean"] for r in rows], dtype=np.float64)
+        x = x[~np.isnan(x)]
+        if len(x) == 0:
+            out[m] = dict(mean=math.nan, lo=math.nan, hi=math.nan, runs=[r[m]["mean"] for r in rows])
+            continue
+        half = t975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else 0.0
+        out[m] = dict(mean=float(x.mean()), lo=float(x.mean() - half), hi=float(x.mean() + half),
+                      runs=[r[m]["mean"] for r in rows])
+    return out
+
+
+def score_runs(first, cfg, te, run, dtype=None, device=None, log=print):
+    """--runs: `first` (the --ckpt result's "model" row) and every --runs student scored by `run(model, te, cfg)`,
+    -> over_runs of all of them."""
+    from model import WanModel
+
+    rows = [first]
+    for path in cfg.runs:
+        log(f"scoring {path}")
+        rows.append(run(WanModel.from_pretrained(path, dtype=dtype, device=device, key=cfg.key or None), te, cfg)["model"])
+    return over_runs(rows)
+
+
+def format_runs(agg):
+    n = len(next(iter(agg.values()))["runs"])
+    lines = ["", f"over {n} training runs (--ckpt and --runs): mean of the per-run means [95% t-interval over runs]"]
+    for m, a in agg.items():
+        lines.append(f"  {m:10s} {a['mean']:8.3f} [{a['lo']:.3f}, {a['hi']:.3f}]   runs: "
+                     + " ".join("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+                                for v in a["runs"]))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -461,6 +513,10 @@ class EvalConfig:
                               "--switch_chunk, score how fast and how completely B is followed and how long A lingers")
     switch_chunk: int = opt(-1, "--switch: the chunk that first streams under caption B (-1: the middle chunk, "
                                 "num_chunks // 2); at least 1, and 2 chunks must follow it")
+    runs: list[str] = opt(factory=list, help="more students trained with --ckpt's settings but other training seeds "
+                                             "(repeat the flag): each is scored like --ckpt, and a last table gives "
+                                             "every metric's mean over all the runs with a 95% t-interval over "
+                                             "their means (an ablation row over training seeds)")
     teacher: str = opt("", "score this bidirectional teacher instead of --ckpt (a file, or a teacher-stage folder: its "
                            "EMA): every video sampled at once by its own Euler sampler with CFG, not streamed (use its "
                            "training length, e.g. --num_frames=12)")
@@ -493,6 +549,15 @@ def check(cfg):
             setattr(cfg, name, os.path.join(here, path))
         if not os.path.exists(getattr(cfg, name)):
             raise SystemExit(f"--{name}={path}: no such file or folder")
+    if cfg.runs and cfg.teacher:
+        raise SystemExit("--runs: more students of --ckpt's settings; not with --teacher")
+    for i, path in enumerate(cfg.runs):
+        if not os.path.exists(path):
+            raise SystemExit(f"--runs={path}: no such file or folder")
+        try:
+            weights.dit(path, WanConfig, key=cfg.key or None)
+        except (CheckpointError, OSError) as err:
+            raise SystemExit(f"--runs={path}: {err}") from None
     path = getattr(cfg, net)
     try:
         _, model_cfg = weights.dit(path, WanConfig, key=cfg.key or None)  # the header: no tensor read
@@ -800,10 +865,14 @@ def main(argv=None):
     for line in settings_mismatch(model.trained_with, cfg):
         print(f"note: {line}")
     if cfg.switch:
-        return main_switch(model, te, cfg)
+        return main_switch(model, te, cfg, dtype, device)
     result = evaluate(model, te, cfg)
     print(format_table(result))
     videos = result.pop("videos")
+    if cfg.runs:
+        result["over_runs"] = score_runs(result["model"], cfg, te, lambda m, t, c: evaluate(m, t, c, log=lambda *a: None),
+                                         dtype, device)
+        print(format_runs(result["over_runs"]))
     if cfg.out_png:
         n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is caption i under the first seed
         world, _ = world_videos(cfg)
@@ -831,13 +900,18 @@ def main(argv=None):
     return result
 
 
-def main_switch(model, te, cfg):
+def main_switch(model, te, cfg, dtype=None, device=None):
     """main() for --switch=true: the switch table, the pictures and the JSON line."""
     import imageio.v2 as imageio
 
     result = evaluate_switch(model, te, cfg)
     print(format_switch_table(result))
     videos = result.pop("videos")
+    if cfg.runs:
+        result["over_runs"] = score_runs(result["model"], cfg, te,
+                                         lambda m, t, c: evaluate_switch(m, t, c, log=lambda *a: None),
+                                         dtype, device)
+        print(format_runs(result["over_runs"]))
     T, T0, C = result["num_frames"], result["switch_frame"], cfg.chunk_frames
     if cfg.out_png:  # consecutive frames around the switch, so the latency can be counted in columns
         n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is pair i under the first seed

@@ -267,3 +267,45 @@ def test_png_teacher_needs_a_png_and_a_student(tmp_path):
         E.main([f"--png_teacher={tmp_path}"])
     with pytest.raises(SystemExit, match="no such file"):
         E.main([f"--png_teacher={tmp_path / 'nothing.safetensors'}", f"--out_png={tmp_path / 'g.png'}"])
+
+
+def test_over_runs_is_the_mean_with_a_students_t_interval():
+    """Ablation rows over training seeds: the mean of the runs' means and mean ± t(n-1) s / sqrt(n), checked against
+    hand-computed values (3 runs: t(2) = 4.3027; s of 0.2, 0.4, 0.6 is 0.2)."""
+    rows = [{"fidelity": {"mean": v}, "camera": {"mean": c}} for v, c in ((0.2, 1.0), (0.4, math.nan), (0.6, 0.5))]
+    agg = E.over_runs(rows)
+    half = 4.3027 * 0.2 / math.sqrt(3)
+    assert agg["fidelity"]["mean"] == pytest.approx(0.4)
+    assert (agg["fidelity"]["lo"], agg["fidelity"]["hi"]) == pytest.approx((0.4 - half, 0.4 + half))
+    assert agg["fidelity"]["runs"] == [0.2, 0.4, 0.6]
+    # a nan run is left out: 2 runs, t(1) = 12.7062, s = 0.3536
+    assert agg["camera"]["mean"] == pytest.approx(0.75)
+    assert agg["camera"]["hi"] == pytest.approx(0.75 + 12.7062 * math.sqrt(0.125) / math.sqrt(2))
+    one = E.over_runs(rows[:1])
+    assert one["fidelity"]["lo"] == one["fidelity"]["hi"] == 0.2
+    # beyond the table, the expansion is close to the exact quantiles t(11) = 2.2010, t(30) = 2.0423
+    assert E.t975(11) == pytest.approx(2.2010, abs=1e-3) and E.t975(30) == pytest.approx(2.0423, abs=1e-3)
+
+
+def test_cli_runs_scores_every_student_and_the_mean_over_runs(tmp_path, capsys):
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        model, te = tiny_student_and_encoder()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * i * torch.randn_like(p))  # three different "training seeds"
+        paths.append(tmp_path / f"s{i}.safetensors")
+        save_safetensors(model, paths[-1])
+    te.save(tmp_path / "toy")
+    common = [f"--text_encoder={tmp_path / 'toy'}", "--num_captions=2", "--num_frames=12", "--segment_frames=6"]
+    singles = []
+    for p in paths:
+        singles.append(E.main([f"--ckpt={p}", *common])["model"]["fidelity"]["mean"])
+    capsys.readouterr()
+    result = E.main([f"--ckpt={paths[0]}", f"--runs={paths[1]}", f"--runs={paths[2]}", *common])
+    assert result["over_runs"]["fidelity"]["runs"] == pytest.approx(singles)
+    assert result["over_runs"]["fidelity"]["mean"] == pytest.approx(sum(singles) / 3)
+    assert "over 3 training runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--runs=.*no such file"):
+        E.main([f"--ckpt={paths[0]}", f"--runs={tmp_path / 'missing.safetensors'}", *common])
