@@ -120,6 +120,23 @@ def test_wrong_colour_or_shape_fails_fidelity():
 
 
 
+def test_shapes_are_far_apart():
+    # every two sprites overlap at IoU <= 2/3, so a roughly drawn shape still fits its own sprite best: a ring of
+    # one pixel more or less around the asked sprite is still scored as that shape
+    ious = {}
+    for i, a in enumerate(tw.SHAPES):
+        for b in tw.SHAPES[i + 1 :]:
+            A, B = tw.TEMPLATES[a], tw.TEMPLATES[b]
+            ious[a, b] = ((A & B).sum() / (A | B).sum()).item()
+    assert max(ious.values()) <= 2 / 3 + 1e-6, ious
+    spec = dataclasses.replace(SPEC, x=4, y=4)
+    for shape in tw.SHAPES:
+        video = tw.render(dataclasses.replace(spec, shape=shape), 1)
+        frame = E.color_mask(video, spec.color)  # [1, H, W]
+        grown = frame | torch.roll(frame, 1, dims=2)  # smeared one pixel to the right
+        fits = E.sprite_fits(grown).flatten(2).amax(dim=2)[0]  # [3] best IoU per shape
+        assert tw.SHAPES[int(fits.argmax())] == shape, (shape, fits)
+
 def test_wrong_motion_fails_alignment():
     text = tw.caption(SPEC)  # moves right slowly, from x=5
     assert E.alignment(tw.render(SPEC, 12), text) == 1.0
