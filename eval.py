@@ -171,8 +171,10 @@ def drift(video, caption, segment_frames=12):
     """Paper Eq. 12 with fidelity as the quality score: the standard deviation (M - 1 normalised) of per-segment
     fidelity over the M whole segments of `segment_frames` frames, in [0, ~0.7]. 0: constant quality (or M < 2)."""
     per_frame = fidelity_per_frame(video, caption)
-    s = torch.stack([per_frame[a:b].mean() for a, b in segments(len(per_frame), segment_frames)])
-    return s.std(unbiased=True).item() if len(s) > 1 else 0.0
+    segs = segments(len(per_frame), segment_frames)
+    if len(segs) < 2:  # fewer than two whole segments (e.g. a teacher's single frames): nothing to compare
+        return 0.0
+    return torch.stack([per_frame[a:b].mean() for a, b in segs]).std(unbiased=True).item()
 
 
 def copy_score(video, chunk_frames=3):

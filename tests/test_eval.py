@@ -171,6 +171,9 @@ def test_drift_is_the_std_of_segment_fidelity():
     # 10 segments, 5 at fidelity 1 and 5 at 0: sample std sqrt(10 / (4 * 9))
     assert E.drift(gone, text, segment_frames=12) == pytest.approx(math.sqrt(10 / 36), abs=1e-6)
     assert E.fidelity(gone, text) == pytest.approx(0.5)
+    # shorter than two segments (a teacher's single frames, --num_frames=1): no drift to measure, and score() works
+    assert E.drift(gone[:, :1], text, segment_frames=12) == 0.0 == E.drift(gone[:, :12], text, segment_frames=12)
+    assert E.score(gone[:, :1], text)["fidelity"] == 1.0
 
 
 def test_score_and_per_segment():
