@@ -553,7 +553,7 @@ def check(cfg):
             raise SystemExit(f"--{name}={path}: no such file or folder")
     if cfg.runs and cfg.teacher:
         raise SystemExit("--runs: more students of --ckpt's settings; not with --teacher")
-    for i, path in enumerate(cfg.runs):
+    for path in cfg.runs:
         if not os.path.exists(path):
             raise SystemExit(f"--runs={path}: no such file or folder")
         try:

@@ -214,3 +214,18 @@ def test_before_the_switch_is_the_plain_evaluation(tiny):
     assert switched["videos"].shape == plain.shape == (3, 3, 12, 16, 16) and switched["switch_frame"] == 6
     assert torch.equal(switched["videos"][:, :, :6], plain[:, :, :6])
     assert not torch.equal(switched["videos"][:, :, 6:], plain[:, :, 6:])
+
+
+def test_cli_switch_runs_over_training_seeds(tiny, capsys):
+    """--switch with --runs: the same student given twice is two identical runs, so the mean over runs is the single
+    run's mean and the 95% interval has zero width, for every switch metric."""
+    _, _, files = tiny
+    ckpt = files[0].split("=", 1)[1]
+    args = [*files, "--switch=true", "--num_captions=2", "--num_frames=15", "--switch_chunk=2"]
+    single = E.main(args)["model"]
+    agg = E.main([*args, f"--runs={ckpt}"])["over_runs"]
+    assert set(agg) == set(E.SWITCH_METRICS)
+    for m in E.SWITCH_METRICS:
+        assert agg[m]["runs"] == [single[m]["mean"]] * 2
+        assert agg[m]["mean"] == pytest.approx(single[m]["mean"]) and agg[m]["lo"] == pytest.approx(agg[m]["hi"])
+    assert "over 2 training runs" in capsys.readouterr().out
