@@ -554,17 +554,9 @@ def check(cfg):
     if cfg.runs and cfg.teacher:
         raise SystemExit("--runs: more students of --ckpt's settings; not with --teacher")
     for path in cfg.runs:
-        if not os.path.exists(path):
-            raise SystemExit(f"--runs={path}: no such file or folder")
-        try:
-            weights.dit(path, WanConfig, key=cfg.key or None)
-        except (CheckpointError, OSError) as err:
-            raise SystemExit(f"--runs={path}: {err}") from None
+        network_header("runs", path, cfg.key)
     path = getattr(cfg, net)
-    try:
-        _, model_cfg = weights.dit(path, WanConfig, key=cfg.key or None)  # the header: no tensor read
-    except (CheckpointError, OSError) as err:
-        raise SystemExit(f"--{net}={path}: {err}") from None
+    model_cfg = network_header(net, path, cfg.key)
     if model_cfg.in_dim != 3:
         raise SystemExit(f"--{net}={path}: in_dim {model_cfg.in_dim}; eval.py scores toy-world networks (RGB "
                          "latents, in_dim 3)")
@@ -585,12 +577,7 @@ def check(cfg):
         if cfg.teacher or cfg.switch or not cfg.out_png:
             raise SystemExit("--png_teacher draws a teacher under a student's rollouts in --out_png: give --out_png, "
                              "and not with --teacher or --switch")
-        if not os.path.exists(cfg.png_teacher):
-            raise SystemExit(f"--png_teacher={cfg.png_teacher}: no such file or folder")
-        try:
-            _, teacher_cfg = weights.dit(cfg.png_teacher, WanConfig)
-        except (CheckpointError, OSError) as err:
-            raise SystemExit(f"--png_teacher={cfg.png_teacher}: {err}") from None
+        teacher_cfg = network_header("png_teacher", cfg.png_teacher)
         if (teacher_cfg.in_dim, teacher_cfg.text_len) != (model_cfg.in_dim, model_cfg.text_len):
             raise SystemExit(f"--png_teacher={cfg.png_teacher}: in_dim {teacher_cfg.in_dim}, text_len "
                              f"{teacher_cfg.text_len}; the student has {model_cfg.in_dim}, {model_cfg.text_len}")
@@ -600,6 +587,17 @@ def check(cfg):
             if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
                 raise SystemExit(f"--{name}={path}: a .png (or .jpg) file path")
             writable_dir(os.path.dirname(path) or ".", f"--{name}={path}")
+
+
+def network_header(flag, path, key=""):
+    """The WanConfig of the network file or folder --flag names, from its header (no tensor read); a missing or
+    unreadable one is a one-line exit naming the flag."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--{flag}={path}: no such file or folder")
+    try:
+        return weights.dit(path, WanConfig, key=key or None)[1]
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"--{flag}={path}: {err}") from None
 
 
 def switch_chunk(cfg):
@@ -782,19 +780,17 @@ def format_table(result):
 # ----------------------------------------------------------------------------- pictures (numpy rasters, no matplotlib)
 
 
-def teacher_rows(videos, world, cfg, dtype=None, device=None):
+def teacher_rows(videos, world, text_encoder, cfg, dtype=None, device=None):
     """--png_teacher: the first len(videos) evaluation captions as rows (model, teacher, world) per caption, each cut to
     the teacher's training length T (its checkpoint's num_frames, else 12): the teacher samples the whole clip at once
-    with its own sampler (sample_teacher, first noise seed). videos, world [n, 3, >= T, S, S] -> list of 3n [3, T, S, S]."""
+    with its own sampler (sample_teacher, first noise seed), reading the student's text encoder (check() made sure the
+    two take the same text_len). videos, world [n, 3, >= T, S, S] -> list of 3n [3, T, S, S]."""
     from model import WanModel
-    from t5 import TextEncoder
 
     teacher = WanModel.from_pretrained(cfg.png_teacher, dtype=dtype, device=device)
-    te = TextEncoder.from_pretrained(cfg.text_encoder, dtype=dtype, device=device, text_len=teacher.cfg.text_len)
     T = min(int((teacher.trained_with or {}).get("num_frames", 12)), videos.shape[2])
-    tcfg = replace(cfg, num_frames=T)
-    taught = sample_teacher(teacher, te, toyworld.captions(len(videos), cfg.caption_seed), tcfg, cfg.seeds[0])
-    T = min(T, taught.shape[2])  # whole chunks
+    taught = sample_teacher(teacher, text_encoder, toyworld.captions(len(videos), cfg.caption_seed),
+                            replace(cfg, num_frames=T), cfg.seeds[0])  # whole chunks: at least T frames
     return [v[:, :T] for i in range(len(videos)) for v in (videos[i], taught[i], world[i])]
 
 
@@ -879,7 +875,7 @@ def main(argv=None):
         n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is caption i under the first seed
         world, _ = world_videos(cfg)
         if cfg.png_teacher:  # model, teacher, world per caption, over the teacher's frames
-            rows, names = teacher_rows(videos[:n], world[:n], cfg, dtype=dtype, device=device), "model, teacher, world"
+            rows, names = teacher_rows(videos[:n], world[:n], te, cfg, dtype=dtype, device=device), "model, teacher, world"
             grid = toyworld.strip(rows)
         else:
             rows, names = [v for i in range(n) for v in (videos[i], world[i])], "model, world"
