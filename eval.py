@@ -8,6 +8,8 @@ latent frame.
     python eval.py --teacher out/toy/teacher --num_frames=12   # the bidirectional teacher, with its own sampler
     python eval.py --ckpt out/toy/redmd --out_png cmp.png --png_teacher out/toy/teacher   # student, teacher, world
     python eval.py --ckpt out/toy/redmd --switch=true --sink_mode=static --out_png switch.png   # prompt switches
+    python eval.py --ckpt out/abl/static_s0/redmd --runs out/abl/static_s1/redmd --sink_mode=static --out_json static.json
+    python eval.py --compare ema.json --compare static.json --curve_png sinks.png   # saved results side by side
 
 Metrics, each on one video [3, T, H, W] in [-1, 1] and its caption (higher is better except drift and copy):
 - dynamics  mean |x_{t+1} - x_t| over pixels, channels and steps. 0: static video. World clips: ~0.05-0.15.
@@ -452,15 +454,27 @@ def over_runs(rows):
 
 
 def score_runs(first, cfg, te, run, dtype=None, device=None, log=print):
-    """--runs: `first` (the --ckpt result's "model" row) and every --runs student scored by `run(model, te, cfg)`,
-    -> over_runs of all of them."""
+    """--runs: every --runs student scored by `run(model, te, cfg)` like `first` (the --ckpt result) -> (over_runs of
+    the "model" rows, the model's curves averaged over all the runs: name -> per-segment (or per-chunk) list)."""
     from model import WanModel
 
-    rows = [first]
+    results = [first]
     for path in cfg.runs:
         log(f"scoring {path}")
-        rows.append(run(WanModel.from_pretrained(path, dtype=dtype, device=device, key=cfg.key or None), te, cfg)["model"])
-    return over_runs(rows)
+        results.append(run(WanModel.from_pretrained(path, dtype=dtype, device=device, key=cfg.key or None), te, cfg))
+    key = "chunks" if "chunks" in first else "segments"
+    return over_runs([r["model"] for r in results]), mean_curves([r[key]["model"] for r in results])
+
+
+def mean_curves(curves):
+    """Element-wise mean of several runs' curves (dicts name -> list of equal lengths), nan entries left out
+    (nan where every run is nan)."""
+    out = {}
+    for k in curves[0]:
+        x = np.array([[math.nan if v is None else v for v in c[k]] for c in curves], dtype=np.float64)
+        ok = ~np.isnan(x)
+        out[k] = [float(x[ok[:, j], j].mean()) if ok[:, j].any() else math.nan for j in range(x.shape[1])]
+    return out
 
 
 def format_runs(agg):
@@ -519,6 +533,13 @@ class EvalConfig:
                                              "(repeat the flag): each is scored like --ckpt, and a last table gives "
                                              "every metric's mean over all the runs with a 95% t-interval over "
                                              "their means (an ablation row over training seeds)")
+    out_json: str = opt("", "also write the result (the JSON line printed last) to this file, atomically: what "
+                            "--compare reads")
+    compare: list[str] = opt(factory=list, help="score nothing: tabulate result files written by --out_json (repeat the "
+                                                "flag; all plain or all --switch results, of equal length) side by "
+                                                "side, and with --curve_png draw every file's model curves (their mean "
+                                                "over --runs where it has them) in one picture, one colour per file, "
+                                                "labelled with the file's name")
     teacher: str = opt("", "score this bidirectional teacher instead of --ckpt (a file, or a teacher-stage folder: its "
                            "EMA): every video sampled at once by its own Euler sampler with CFG, not streamed (use its "
                            "training length, e.g. --num_frames=12)")
@@ -533,6 +554,11 @@ def check(cfg):
     """The one place eval.py checks its settings, before any model loads: numbers, the cache, the files and the
     output images. Relative default paths are found from any directory."""
     pick_dtype(cfg.dtype, pick_device(cfg.device))
+    if cfg.compare:
+        if cfg.out_png or cfg.out_json or cfg.runs:
+            raise SystemExit("--compare draws and tabulates earlier results: only --curve_png goes with it")
+        load_results(cfg.compare)  # every file readable and of one kind; nothing else is used
+        return check_outputs(cfg)
     for name in ("num_captions", "num_frames", "height", "batch_size", "segment_frames", "png_videos", "png_frames"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= 1")
@@ -581,11 +607,17 @@ def check(cfg):
         if (teacher_cfg.in_dim, teacher_cfg.text_len) != (model_cfg.in_dim, model_cfg.text_len):
             raise SystemExit(f"--png_teacher={cfg.png_teacher}: in_dim {teacher_cfg.in_dim}, text_len "
                              f"{teacher_cfg.text_len}; the student has {model_cfg.in_dim}, {model_cfg.text_len}")
-    for name in ("out_png", "curve_png"):
+    check_outputs(cfg)
+
+
+def check_outputs(cfg):
+    """The output files: the right extension, in a folder that can be written (created if needed)."""
+    for name in ("out_png", "curve_png", "out_json"):
         path = getattr(cfg, name)
         if path:
-            if os.path.splitext(path)[1].lower() not in (".png", ".jpg", ".jpeg"):
-                raise SystemExit(f"--{name}={path}: a .png (or .jpg) file path")
+            ext = (".json",) if name == "out_json" else (".png", ".jpg", ".jpeg")
+            if os.path.splitext(path)[1].lower() not in ext:
+                raise SystemExit(f"--{name}={path}: a {' or '.join(ext)} file path")
             writable_dir(os.path.dirname(path) or ".", f"--{name}={path}")
 
 
@@ -777,6 +809,107 @@ def format_table(result):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- comparing saved results (--compare)
+
+PALETTE = ((220, 30, 30), (30, 100, 220), (20, 150, 60), (230, 140, 0), (140, 50, 200), (0, 160, 170), (120, 80, 40),
+           (235, 80, 170))  # one colour per --compare file; the world is gray
+
+
+def load_results(paths):
+    """--compare: result files written by --out_json -> [(label, result)], label = the file's name without .json,
+    JSON nulls back to nan. Exits naming the file when one cannot be read or is not a result, or when the files mix
+    plain and --switch results or curves of other lengths."""
+    if len(paths) > len(PALETTE):
+        raise SystemExit(f"--compare: at most {len(PALETTE)} files (one colour each), got {len(paths)}")
+    items = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                r = json.load(fh, object_hook=_nan_back)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--compare={path}: cannot read a result from it ({err})") from None
+        key = "chunks" if isinstance(r, dict) and "chunks" in r else "segments"
+        if not (isinstance(r, dict) and "model" in r and "frame_end" in r.get(key, {}) and "model" in r[key]):
+            raise SystemExit(f"--compare={path}: not a result written by eval.py --out_json (no model row and curves)")
+        items.append((os.path.splitext(os.path.basename(path))[0], r))
+    first_key = "chunks" if "chunks" in items[0][1] else "segments"
+    for path, (_, r) in zip(paths, items):
+        key = "chunks" if "chunks" in r else "segments"
+        if key != first_key:
+            raise SystemExit(f"--compare={path}: a {'--switch' if key == 'chunks' else 'plain'} result among "
+                             f"{'--switch' if first_key == 'chunks' else 'plain'} ones ({paths[0]}): compare one kind")
+        if r[key]["frame_end"] != items[0][1][key]["frame_end"]:
+            raise SystemExit(f"--compare={path}: curves end at frames {r[key]['frame_end']}, {paths[0]}'s at "
+                             f"{items[0][1][key]['frame_end']}: compare results of the same --num_frames and "
+                             "--segment_frames")
+    return items
+
+
+def _nan_back(d):
+    """JSON object hook: None (a nan written by no_nan) -> nan inside lists, so curves stay float lists."""
+    return {k: [math.nan if x is None else x for x in v] if isinstance(v, list) else (math.nan if v is None else v)
+            for k, v in d.items()}
+
+
+def compare_table(items):
+    """The --compare table: one row per file, each metric's mean over runs [95% t-interval] where the file has --runs,
+    else its mean over videos; then the world's row of the first file."""
+    switch = "chunks" in items[0][1]
+    metrics = SWITCH_METRICS if switch else METRICS
+    width = max(12, *(len(label) + 2 for label, _ in items))
+    lines = [f"{'':{width}s}" + "".join(f"{m:>22s}" for m in metrics)]
+    for label, r in items + [("world", {"model": items[0][1]["world"]})]:
+        cells = []
+        for m in metrics:
+            f = ".1f" if m in SWITCH_FRAMES else ".3f"
+            if "over_runs" in r:
+                a = r["over_runs"][m]
+                cells.append(f"{a['mean']:{f}} [{a['lo']:{f}}, {a['hi']:{f}}]")
+            else:
+                cells.append(f"{r['model'][m]['mean']:{f}}")
+        lines.append(f"{label:{width}s}" + "".join(c.rjust(22) for c in cells))
+    runs = [len(next(iter(r["over_runs"].values()))["runs"]) if "over_runs" in r else 1 for _, r in items]
+    lines.append(f"(training runs per row: {', '.join(map(str, runs))}; a row of one run gives its mean over videos)")
+    return "\n".join(lines)
+
+
+def compare_image(items):
+    """The --compare picture: curve_image panels (plain: dynamics and fidelity per segment; --switch: follow, linger
+    and bg_follow per chunk after the switch), the world in gray and each file's model curves (the mean over its runs
+    where it has them) in a colour of its own, the panel names and a legend drawn in. -> uint8 [H, W, 3]."""
+    from PIL import Image, ImageDraw
+
+    key = "chunks" if "chunks" in items[0][1] else "segments"
+    names = ("follow", "linger", "bg_follow") if key == "chunks" else ("dynamics", "fidelity")
+    colors = {"world": (150, 150, 150), **{label: PALETTE[i] for i, (label, _) in enumerate(items)}}
+    series = []
+    for name in names:
+        lines = {"world": items[0][1][key]["world"][name]}
+        lines.update({label: r[key].get("over_runs", r[key]["model"])[name] for label, r in items})
+        top = max([1e-3] + [y for ys in lines.values() for y in ys if not math.isnan(y)]) * 1.1
+        series.append((name, lines, colors, top if name == "dynamics" else 1.0))
+    plot = curve_image(items[0][1][key]["frame_end"], series)
+    img = Image.new("RGB", (plot.shape[1], plot.shape[0] + 14 * len(colors) + 8), "white")
+    img.paste(Image.fromarray(plot), (0, 0))
+    draw = ImageDraw.Draw(img)
+    panel = plot.shape[0] // len(names)
+    for i, (name, *_, top) in enumerate(series):
+        draw.text((22, i * panel + 2), f"{name} (0 .. {top:.3g})", fill=(0, 0, 0))
+    for i, (label, color) in enumerate(colors.items()):
+        y = plot.shape[0] + 4 + 14 * i
+        draw.rectangle([16, y + 3, 32, y + 8], fill=color)
+        draw.text((38, y), label, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def write_json(path, line):
+    """Write the result's JSON line to `path` atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- pictures (numpy rasters, no matplotlib)
 
 
@@ -853,6 +986,8 @@ def main(argv=None):
 
     cfg = configure(EvalConfig(), argv, doc=__doc__)
     check(cfg)
+    if cfg.compare:
+        return main_compare(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     try:
@@ -868,8 +1003,8 @@ def main(argv=None):
     print(format_table(result))
     videos = result.pop("videos")
     if cfg.runs:
-        result["over_runs"] = score_runs(result["model"], cfg, te, lambda m, t, c: evaluate(m, t, c, log=lambda *a: None),
-                                         dtype, device)
+        result["over_runs"], result["segments"]["over_runs"] = score_runs(
+            result, cfg, te, lambda m, t, c: evaluate(m, t, c, log=lambda *a: None), dtype, device)
         print(format_runs(result["over_runs"]))
     if cfg.out_png:
         n = min(cfg.png_videos, cfg.num_captions)  # videos[i] is caption i under the first seed
@@ -894,8 +1029,24 @@ def main(argv=None):
               f"(ticks at {seg['frame_end'][0]}, {seg['frame_end'][1] if len(seg['frame_end']) > 1 else ''} ...); "
               f"red model, gray world")
     result["config"] = asdict(cfg)
-    print(json.dumps(no_nan(result)))
+    line = json.dumps(no_nan(result))
+    print(line)
+    if cfg.out_json:
+        write_json(cfg.out_json, line)
     return result
+
+
+def main_compare(cfg):
+    """main() for --compare: the table of saved results, and with --curve_png their curves in one picture."""
+    import imageio.v2 as imageio
+
+    items = load_results(cfg.compare)
+    print(compare_table(items))
+    if cfg.curve_png:
+        imageio.imwrite(cfg.curve_png, compare_image(items))
+        print(f"wrote {cfg.curve_png}: " + ", ".join(label for label, _ in items) + " (legend at the bottom; gray: the "
+              "world's clips)")
+    return items
 
 
 def main_switch(model, te, cfg, dtype=None, device=None):
@@ -906,9 +1057,8 @@ def main_switch(model, te, cfg, dtype=None, device=None):
     print(format_switch_table(result))
     videos = result.pop("videos")
     if cfg.runs:
-        result["over_runs"] = score_runs(result["model"], cfg, te,
-                                         lambda m, t, c: evaluate_switch(m, t, c, log=lambda *a: None),
-                                         dtype, device)
+        result["over_runs"], result["chunks"]["over_runs"] = score_runs(
+            result, cfg, te, lambda m, t, c: evaluate_switch(m, t, c, log=lambda *a: None), dtype, device)
         print(format_runs(result["over_runs"]))
     T, T0, C = result["num_frames"], result["switch_frame"], cfg.chunk_frames
     if cfg.out_png:  # consecutive frames around the switch, so the latency can be counted in columns
@@ -930,7 +1080,10 @@ def main_switch(model, te, cfg, dtype=None, device=None):
         print(f"wrote {cfg.curve_png}: follow_B, linger_A and bg_follow (0 .. 1, top to bottom) per chunk against "
               f"frames after the switch; red model, gray world, blue frozen")
     result["config"] = asdict(cfg)
-    print(json.dumps(no_nan(result)))
+    line = json.dumps(no_nan(result))
+    print(line)
+    if cfg.out_json:
+        write_json(cfg.out_json, line)
     return result
 
 

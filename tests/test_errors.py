@@ -83,6 +83,9 @@ def probes(tmp):
         (["eval.py", f"--out_png={not_writable}/a.png"], "cannot write in"),
         (["eval.py", "--height=8"], "--height 8 and --width 16 must be equal"),
         (["eval.py", "--sink_mode=full", "--num_frames=3000"], "more than the model's 1024 RoPE positions"),
+        (["eval.py", f"--out_json={tmp / 'r.txt'}"], "r.txt: a .json file path"),
+        (["eval.py", f"--compare={tmp / 'nowhere.json'}"], "nowhere.json: cannot read a result from it"),
+        (["eval.py", f"--compare={tmp / 'a_file'}", f"--out_png={tmp / 'a.png'}"], "only --curve_png goes with it"),
         # train.py: settings
         (train + ["--device=cuda"], "--device=cuda: no cuda device"),
         (train + ["--device=gpu"], "--device=gpu: not a device name"),

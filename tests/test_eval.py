@@ -327,3 +327,57 @@ def test_cli_runs_scores_every_student_and_the_mean_over_runs(tmp_path, capsys):
     assert "over 3 training runs" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--runs=.*no such file"):
         E.main([f"--ckpt={paths[0]}", f"--runs={tmp_path / 'missing.safetensors'}", *common])
+
+
+def test_mean_curves_leaves_out_nan():
+    a, b = {"fidelity": [1.0, math.nan, math.nan]}, {"fidelity": [3.0, 5.0, math.nan]}
+    out = E.mean_curves([a, b])["fidelity"]
+    assert out[:2] == [2.0, 5.0] and math.isnan(out[2])
+
+
+def test_compare_tabulates_and_draws_saved_results(tmp_path, capsys):
+    """--out_json writes the printed result; --compare reads such files back: the table shows each file's mean over
+    its runs (or its mean over videos), the run file's curves are the mean of the single runs' curves, and the
+    picture draws every file in its own colour. Mixed kinds, other lengths and non-results are refused by name."""
+    import imageio.v2 as imageio
+
+    paths = []
+    for i in range(2):
+        model, te = tiny_student_and_encoder()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * i * torch.randn_like(p))
+        paths.append(tmp_path / f"s{i}.safetensors")
+        save_safetensors(model, paths[-1])
+    te.save(tmp_path / "toy")
+    common = [f"--text_encoder={tmp_path / 'toy'}", "--num_captions=2", "--num_frames=12", "--segment_frames=6"]
+    single = [E.main([f"--ckpt={p}", *common, f"--out_json={tmp_path / f'one{i}.json'}"]) for i, p in enumerate(paths)]
+    both = E.main([f"--ckpt={paths[0]}", f"--runs={paths[1]}", *common, f"--out_json={tmp_path / 'both.json'}"])
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "both.json").read_text())
+    assert saved["over_runs"]["fidelity"]["mean"] == pytest.approx(both["over_runs"]["fidelity"]["mean"])
+    want = [(x + y) / 2 for x, y in zip(single[0]["segments"]["model"]["fidelity"],
+                                        single[1]["segments"]["model"]["fidelity"])]
+    assert saved["segments"]["over_runs"]["fidelity"] == pytest.approx(want)
+
+    png = tmp_path / "cmp.png"
+    E.main([f"--compare={tmp_path / 'one1.json'}", f"--compare={tmp_path / 'both.json'}", f"--curve_png={png}"])
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("one1 ")).split()
+    assert float(row[1 + E.METRICS.index("fidelity")]) == pytest.approx(single[1]["model"]["fidelity"]["mean"], abs=5e-4)
+    row = next(line for line in out if line.startswith("both ")).split()
+    assert float(row[1 + 3 * E.METRICS.index("fidelity")]) == pytest.approx(both["over_runs"]["fidelity"]["mean"],
+                                                                             abs=5e-4)
+    img = imageio.imread(png)[..., :3].reshape(-1, 3)
+    for color in (E.PALETTE[0], E.PALETTE[1], (150, 150, 150)):
+        assert (img == torch.tensor(color).numpy()).all(axis=1).any(), color
+
+    fake_switch = tmp_path / "sw.json"
+    fake_switch.write_text(json.dumps({"model": {}, "chunks": {"frame_end": [3], "model": {}}}))
+    short = dict(saved, segments=dict(saved["segments"], frame_end=[6]))
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    (tmp_path / "other.json").write_text(json.dumps({"model": 1}))
+    for bad, why in ((fake_switch, "a --switch result among plain"), (tmp_path / "short.json", "curves end at"),
+                     (tmp_path / "other.json", "not a result"), (tmp_path / "missing.json", "cannot read")):
+        with pytest.raises(SystemExit, match=f"--compare={bad}: {why}"):
+            E.main([f"--compare={tmp_path / 'both.json'}", f"--compare={bad}"])
