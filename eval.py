@@ -558,7 +558,8 @@ def check(cfg):
         if cfg.out_png or cfg.out_json or cfg.runs:
             raise SystemExit("--compare draws and tabulates earlier results: only --curve_png goes with it")
         load_results(cfg.compare)  # every file readable and of one kind; nothing else is used
-        return check_outputs(cfg)
+        check_outputs(cfg)
+        return
     for name in ("num_captions", "num_frames", "height", "batch_size", "segment_frames", "png_videos", "png_frames"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= 1")
@@ -811,6 +812,7 @@ def format_table(result):
 
 # ----------------------------------------------------------------------------- comparing saved results (--compare)
 
+CURVES = {"segments": ("dynamics", "fidelity"), "chunks": ("follow", "linger", "bg_follow")}  # drawn by --compare
 PALETTE = ((220, 30, 30), (30, 100, 220), (20, 150, 60), (230, 140, 0), (140, 50, 200), (0, 160, 170), (120, 80, 40),
            (235, 80, 170))  # one colour per --compare file; the world is gray
 
@@ -829,8 +831,12 @@ def load_results(paths):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SystemExit(f"--compare={path}: cannot read a result from it ({err})") from None
         key = "chunks" if isinstance(r, dict) and "chunks" in r else "segments"
-        if not (isinstance(r, dict) and "model" in r and "frame_end" in r.get(key, {}) and "model" in r[key]):
-            raise SystemExit(f"--compare={path}: not a result written by eval.py --out_json (no model row and curves)")
+        names = CURVES[key]
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), dict) for k in ("model", "world", key))
+                and isinstance(r[key].get("frame_end"), list)
+                and all(isinstance(r[key].get(k), dict) and set(names) <= set(r[key][k]) for k in ("model", "world"))):
+            raise SystemExit(f"--compare={path}: not a result written by eval.py --out_json (it needs the model and world "
+                             f"rows and their {key} curves {', '.join(names)})")
         items.append((os.path.splitext(os.path.basename(path))[0], r))
     first_key = "chunks" if "chunks" in items[0][1] else "segments"
     for path, (_, r) in zip(paths, items):
@@ -880,7 +886,7 @@ def compare_image(items):
     from PIL import Image, ImageDraw
 
     key = "chunks" if "chunks" in items[0][1] else "segments"
-    names = ("follow", "linger", "bg_follow") if key == "chunks" else ("dynamics", "fidelity")
+    names = CURVES[key]
     colors = {"world": (150, 150, 150), **{label: PALETTE[i] for i, (label, _) in enumerate(items)}}
     series = []
     for name in names:

@@ -373,10 +373,12 @@ def test_compare_tabulates_and_draws_saved_results(tmp_path, capsys):
         assert (img == torch.tensor(color).numpy()).all(axis=1).any(), color
 
     fake_switch = tmp_path / "sw.json"
-    fake_switch.write_text(json.dumps({"model": {}, "chunks": {"frame_end": [3], "model": {}}}))
+    curves = {"follow": [1.0], "linger": [0.0], "bg_follow": [1.0]}
+    fake_switch.write_text(json.dumps({"model": {}, "world": {}, "chunks": {"frame_end": [3], "model": curves,
+                                                                         "world": curves}}))
     short = dict(saved, segments=dict(saved["segments"], frame_end=[6]))
     (tmp_path / "short.json").write_text(json.dumps(short))
-    (tmp_path / "other.json").write_text(json.dumps({"model": 1}))
+    (tmp_path / "other.json").write_text(json.dumps({"model": {}, "world": {}, "segments": {"frame_end": [6, 12]}}))
     for bad, why in ((fake_switch, "a --switch result among plain"), (tmp_path / "short.json", "curves end at"),
                      (tmp_path / "other.json", "not a result"), (tmp_path / "missing.json", "cannot read")):
         with pytest.raises(SystemExit, match=f"--compare={bad}: {why}"):
