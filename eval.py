@@ -462,8 +462,13 @@ def score_runs(first, cfg, te, run, dtype=None, device=None, log=print):
     for path in cfg.runs:
         log(f"scoring {path}")
         results.append(run(WanModel.from_pretrained(path, dtype=dtype, device=device, key=cfg.key or None), te, cfg))
-    key = "chunks" if "chunks" in first else "segments"
+    key = curve_key(first)
     return over_runs([r["model"] for r in results]), mean_curves([r[key]["model"] for r in results])
+
+
+def curve_key(result):
+    """Where a result keeps its curves: "chunks" (--switch: per chunk after the switch) or "segments" (plain)."""
+    return "chunks" if "chunks" in result else "segments"
 
 
 def mean_curves(curves):
@@ -471,7 +476,7 @@ def mean_curves(curves):
     (nan where every run is nan)."""
     out = {}
     for k in curves[0]:
-        x = np.array([[math.nan if v is None else v for v in c[k]] for c in curves], dtype=np.float64)
+        x = np.array([c[k] for c in curves], dtype=np.float64)
         ok = ~np.isnan(x)
         out[k] = [float(x[ok[:, j], j].mean()) if ok[:, j].any() else math.nan for j in range(x.shape[1])]
     return out
@@ -830,24 +835,24 @@ def load_results(paths):
                 r = json.load(fh, object_hook=_nan_back)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SystemExit(f"--compare={path}: cannot read a result from it ({err})") from None
-        key = "chunks" if isinstance(r, dict) and "chunks" in r else "segments"
+        key = curve_key(r) if isinstance(r, dict) else "segments"
         names = CURVES[key]
         if not (isinstance(r, dict) and all(isinstance(r.get(k), dict) for k in ("model", "world", key))
                 and isinstance(r[key].get("frame_end"), list)
                 and all(isinstance(r[key].get(k), dict) and set(names) <= set(r[key][k]) for k in ("model", "world"))):
             raise SystemExit(f"--compare={path}: not a result written by eval.py --out_json (it needs the model and world "
                              f"rows and their {key} curves {', '.join(names)})")
+        if items:
+            first = items[0][1]
+            if key != curve_key(first):
+                kinds = {"chunks": "--switch", "segments": "plain"}
+                raise SystemExit(f"--compare={path}: a {kinds[key]} result among {kinds[curve_key(first)]} ones "
+                                 f"({paths[0]}): compare one kind")
+            if r[key]["frame_end"] != first[key]["frame_end"]:
+                raise SystemExit(f"--compare={path}: curves end at frames {r[key]['frame_end']}, {paths[0]}'s at "
+                                 f"{first[key]['frame_end']}: compare results of the same --num_frames and "
+                                 "--segment_frames")
         items.append((os.path.splitext(os.path.basename(path))[0], r))
-    first_key = "chunks" if "chunks" in items[0][1] else "segments"
-    for path, (_, r) in zip(paths, items):
-        key = "chunks" if "chunks" in r else "segments"
-        if key != first_key:
-            raise SystemExit(f"--compare={path}: a {'--switch' if key == 'chunks' else 'plain'} result among "
-                             f"{'--switch' if first_key == 'chunks' else 'plain'} ones ({paths[0]}): compare one kind")
-        if r[key]["frame_end"] != items[0][1][key]["frame_end"]:
-            raise SystemExit(f"--compare={path}: curves end at frames {r[key]['frame_end']}, {paths[0]}'s at "
-                             f"{items[0][1][key]['frame_end']}: compare results of the same --num_frames and "
-                             "--segment_frames")
     return items
 
 
@@ -860,8 +865,7 @@ def _nan_back(d):
 def compare_table(items):
     """The --compare table: one row per file, each metric's mean over runs [95% t-interval] where the file has --runs,
     else its mean over videos; then the world's row of the first file."""
-    switch = "chunks" in items[0][1]
-    metrics = SWITCH_METRICS if switch else METRICS
+    metrics = SWITCH_METRICS if curve_key(items[0][1]) == "chunks" else METRICS
     width = max(12, *(len(label) + 2 for label, _ in items))
     lines = [f"{'':{width}s}" + "".join(f"{m:>22s}" for m in metrics)]
     for label, r in items + [("world", {"model": items[0][1]["world"]})]:
@@ -885,7 +889,7 @@ def compare_image(items):
     where it has them) in a colour of its own, the panel names and a legend drawn in. -> uint8 [H, W, 3]."""
     from PIL import Image, ImageDraw
 
-    key = "chunks" if "chunks" in items[0][1] else "segments"
+    key = curve_key(items[0][1])
     names = CURVES[key]
     colors = {"world": (150, 150, 150), **{label: PALETTE[i] for i, (label, _) in enumerate(items)}}
     series = []
@@ -906,14 +910,6 @@ def compare_image(items):
         draw.rectangle([16, y + 3, 32, y + 8], fill=color)
         draw.text((38, y), label, fill=(0, 0, 0))
     return np.asarray(img)
-
-
-def write_json(path, line):
-    """Write the result's JSON line to `path` atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- pictures (numpy rasters, no matplotlib)
@@ -984,6 +980,20 @@ def no_nan(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def emit(result, cfg):
+    """The CLI's last step: the result with its config as one strict-JSON line on stdout, and in --out_json, written
+    atomically (a temporary file, then a rename). Returns the result."""
+    result["config"] = asdict(cfg)
+    line = json.dumps(no_nan(result))
+    print(line)
+    if cfg.out_json:
+        tmp = f"{cfg.out_json}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        os.replace(tmp, cfg.out_json)
+    return result
+
+
 def main(argv=None):
     import imageio.v2 as imageio
 
@@ -1034,12 +1044,7 @@ def main(argv=None):
         print(f"wrote {cfg.curve_png}: top dynamics (0 .. {ymax:.3f}), bottom fidelity (0 .. 1) against frames "
               f"(ticks at {seg['frame_end'][0]}, {seg['frame_end'][1] if len(seg['frame_end']) > 1 else ''} ...); "
               f"red model, gray world")
-    result["config"] = asdict(cfg)
-    line = json.dumps(no_nan(result))
-    print(line)
-    if cfg.out_json:
-        write_json(cfg.out_json, line)
-    return result
+    return emit(result, cfg)
 
 
 def main_compare(cfg):
@@ -1085,12 +1090,7 @@ def main_switch(model, te, cfg, dtype=None, device=None):
         imageio.imwrite(cfg.curve_png, curve_image(ch["frame_end"], series))
         print(f"wrote {cfg.curve_png}: follow_B, linger_A and bg_follow (0 .. 1, top to bottom) per chunk against "
               f"frames after the switch; red model, gray world, blue frozen")
-    result["config"] = asdict(cfg)
-    line = json.dumps(no_nan(result))
-    print(line)
-    if cfg.out_json:
-        write_json(cfg.out_json, line)
-    return result
+    return emit(result, cfg)
 
 
 if __name__ == "__main__":
