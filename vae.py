@@ -9,13 +9,18 @@ Module names are those of Wan's `Wan2.1_VAE.pth`, so that file loads as a strict
 (`vae/diffusion_pytorch_model.safetensors`) is renamed in weights.py.
 """
 
-from dataclasses import dataclass, field
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from config import cli, configure, help_text, opt
 
 # Per-channel statistics of Wan2.1 latent means: the DiT sees z = (mu - mean) / std.
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -35,6 +40,10 @@ class VAEConfig:
     temporal_downsample: list = field(default_factory=lambda: [False, True, True])  # per encoder downsample
     latents_mean: list = field(default_factory=lambda: list(WAN21_LATENTS_MEAN))
     latents_std: list = field(default_factory=lambda: list(WAN21_LATENTS_STD))
+    # code every frame alone, as Wan's VAE codes a video's first frame (the past of each temporal conv is zeros): an
+    # image autoencoder applied frame by frame. Needs no temporal downsampling. The toy VAE's: trained on single frames,
+    # it would meet a past it never saw in a video
+    frame_by_frame: bool = False
 
     def __post_init__(self):
         self.dim_mult = [int(m) for m in self.dim_mult]
@@ -44,6 +53,8 @@ class VAEConfig:
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(f"temporal_downsample needs {len(self.dim_mult) - 1} entries (one per downsample), "
                              f"got {self.temporal_downsample}")
+        if self.frame_by_frame and any(self.temporal_downsample):
+            raise ValueError("frame_by_frame codes frames alone: it takes no temporal_downsample")
         if not len(self.latents_mean) == len(self.latents_std) == self.z_dim:
             raise ValueError(f"latents_mean / latents_std need z_dim={self.z_dim} entries, "
                              f"got {len(self.latents_mean)} / {len(self.latents_std)}")
@@ -61,6 +72,11 @@ VAE_PRESETS = {
     "wan2.1": VAEConfig(),
     # CPU-sized; unequal multipliers so that shortcut convs and the decoder's channel halving are exercised
     "tiny": VAEConfig(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    # the toy world's (data/toyworld.py): 16x16 RGB frames -> 16 x 4 x 4 latents, each frame coded alone (the world's
+    # frames are small; what the DiT needs is fewer, richer tokens). Its statistics are measured by train_toy_vae and
+    # stored in the file's config.
+    "toy": VAEConfig(base_dim=32, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temporal_downsample=[False, False],
+                     latents_mean=[0.0] * 16, latents_std=[1.0] * 16, frame_by_frame=True),
 }
 
 # ----------------------------------------------------------------------------- causal cache
@@ -329,10 +345,13 @@ class WanVAE(nn.Module):
             raise ValueError(
                 f"encode expects [B, 3, 1 + {ts}k, H, W] with H, W multiples of {ss}; got {tuple(x.shape)}"
             )
-        # the reference schedule: the first frame alone, then groups of 4 frames, through one cache
-        cache = CausalCache()
-        chunks = [x[:, :, :1]] + [x[:, :, t : t + ts] for t in range(1, T, ts)]
-        h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # [B, 2 z_dim, 1 + k, H/8, W/8]
+        if self.cfg.frame_by_frame:  # every frame as a video's first: frames folded into the batch
+            h = self.encoder(x.transpose(1, 2).reshape(B * T, C, 1, H, W), CausalCache())
+            h = h.reshape(B, T, *h.shape[1:]).squeeze(3).transpose(1, 2)  # [B, 2 z_dim, T, H/ss, W/ss]
+        else:  # the reference schedule: the first frame alone, then groups of 4 frames, through one cache
+            cache = CausalCache()
+            chunks = [x[:, :, :1]] + [x[:, :, t : t + ts] for t in range(1, T, ts)]
+            h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # [B, 2 z_dim, 1 + k, H/8, W/8]
         mu = self.conv1(h)[:, : self.cfg.z_dim]  # the log-variance half is not needed
         mean, std = self._stats(mu)
         return (mu - mean) / std
@@ -382,6 +401,107 @@ class StreamDecoder:
             raise ValueError(f"expected latents [B, {vae.cfg.z_dim}, f >= 1, h, w], got {tuple(z.shape)}")
         mean, std = vae._stats(z)
         x = vae.conv2(z * std + mean)  # [B, z_dim, f, h, w]
+        if vae.cfg.frame_by_frame:  # every frame alone (no cache): frames folded into the batch
+            B, Z, f, h, w = x.shape
+            y = vae.decoder(x.transpose(1, 2).reshape(B * f, Z, 1, h, w), CausalCache())
+            return y.reshape(B, f, *y.shape[1:]).squeeze(3).transpose(1, 2).clamp(-1.0, 1.0)  # [B, 3, f, H, W]
         n = self.frames_per_pass
         out = [vae.decoder(x[:, :, i : i + n], self.cache) for i in range(0, x.shape[2], n)]
         return torch.cat(out, dim=2).clamp(-1.0, 1.0)  # [B, 3, (1 +) 4f (- 4), 8h, 8w]
+
+
+# ----------------------------------------------------------------------------- a toy VAE, trained once
+
+
+def train_toy_vae(out_path, steps=4000, seed=0, size=16, batch=64, lr=3e-4, noise=0.05, l2=1e-4, log=print):
+    """Train VAE_PRESETS["toy"] on toy-world clips and write it to out_path (safetensors with its config, atomically;
+    None: do not write). -> WanVAE.
+
+    An autoencoder, not a variational one: the loss is the MSE of decode(mu + noise * n) against the clip, n ~ N(0, 1),
+    plus l2 * mean(mu^2). The fixed latent noise makes the decoder tolerate the small errors a generator's latents
+    carry; the L2 term keeps mu from growing until that noise no longer matters. A step sees `batch` frames, each of
+    another clip: the toy VAE codes every frame alone (VAEConfig.frame_by_frame). Afterwards the per-channel mean and
+    std of mu over 1024 frames become the config's latents_mean / latents_std: the DiT sees unit-variance latents.
+    Deterministic for a seed on one thread."""
+    from data import toyworld
+
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = WanVAE(replace(VAE_PRESETS["toy"]))
+    opt_ = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    world = 2000 + seed  # clips of a world no other stage trains or evaluates on
+    Z = vae.cfg.z_dim
+    T = 12  # the world's clips are rendered at this length; one random frame of each is kept
+
+    def frames(n):  # (n, 3, 1, H, W): frame t_i of clip i
+        idx = torch.randint(2**31 - 1, (n,), generator=g).tolist()
+        at = torch.randint(T, (n,), generator=g).tolist()
+        return torch.stack([toyworld.clip(i, T, size, seed=world)[0][:, t:t + 1] for i, t in zip(idx, at)])
+
+    def mu_of(x):  # (B, 3, 1, H, W) -> (B, Z, 1, H/4, W/4), unnormalised
+        return vae.conv1(vae.encoder(x, CausalCache()))[:, :Z]
+
+    log(f"toy VAE: {sum(p.numel() for p in vae.parameters())} parameters, {steps} steps of {batch} frames, "
+        f"{size}x{size}, world seed {world}")
+    every, ema = max(1, steps // 20), None
+    for step in range(1, steps + 1):
+        for group in opt_.param_groups:  # linear warm-up over 100 steps, then cosine to 0
+            group["lr"] = lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = frames(batch)
+        mu = mu_of(x)
+        y = vae.decoder(vae.conv2(mu + noise * torch.randn(mu.shape, generator=g)), CausalCache())
+        rec = (y - x).pow(2).mean()
+        loss = rec + l2 * mu.pow(2).mean()
+        opt_.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_.step()
+        ema = rec.item() if ema is None else 0.9 * ema + 0.1 * rec.item()
+        if step % every == 0 or step == steps:
+            log(f"step {step}/{steps}  reconstruction mse {ema:.5f}  {time.time() - t0:.0f}s")
+    vae.eval()
+    with torch.no_grad():  # the latent statistics, then a held-out reconstruction check through the public API
+        mu = torch.cat([mu_of(frames(64)) for _ in range(16)])
+        mean, std = mu.mean(dim=(0, 2, 3, 4)), mu.std(dim=(0, 2, 3, 4))
+        vae.cfg = replace(vae.cfg, latents_mean=mean.tolist(), latents_std=std.tolist())
+        x = torch.stack([toyworld.clip(i, T, size, seed=world + 1)[0] for i in range(64)])
+        err = (vae.decode(vae.encode(x)) - x).pow(2).mean().item()
+    log(f"latent std per channel {std.min():.3f} to {std.max():.3f}; held-out 12-frame clips reconstruct at mse "
+        f"{err:.5f}")
+    if out_path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        meta = {"train": f'{{"steps": {steps}, "seed": {seed}, "size": {size}, "batch": {batch}, "lr": {lr}, '
+                         f'"noise": {noise}, "l2": {l2}}}'}
+        weights.save_safetensors(vae, out_path, meta=meta)
+        log(f"wrote {out_path} ({os.path.getsize(out_path) / 2**20:.1f} MB) in {time.time() - t0:.0f}s")
+    return vae
+
+
+@dataclass
+class ToyVAETrainConfig:
+    out: str = opt(os.path.join("data", "toy", "vae.safetensors"), "where the toy VAE's weights go")
+    steps: int = opt(4000, "training steps (each: 64 frames, each of another clip)")
+    seed: int = opt(0, "initialisation and data seed (clips come from toy world 2000 + seed)")
+    size: int = opt(16, "frame height and width in pixels (a multiple of 4, the toy VAE's stride)")
+    threads: int = opt(2, "CPU threads (1: every run writes the same weights, bit for bit)")
+
+
+def main(argv=None):
+    """python vae.py train [--key=value ...]: train the toy world's VAE once (its result is shipped)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(help_text(ToyVAETrainConfig(), main.__doc__))
+        return
+    if argv[0] != "train":
+        raise SystemExit(f"python vae.py: the one command is `train` (got {argv[0]!r}); --help lists its settings")
+    cfg = configure(ToyVAETrainConfig(), argv[1:], main.__doc__)
+    if cfg.steps < 1 or cfg.size < 12 or cfg.size % 4 or cfg.threads < 1:
+        raise SystemExit(f"--steps={cfg.steps} --size={cfg.size} --threads={cfg.threads}: steps >= 1, size a multiple "
+                         "of 4 and >= 12, threads >= 1")
+    torch.set_num_threads(cfg.threads)
+    train_toy_vae(cfg.out, steps=cfg.steps, seed=cfg.seed, size=cfg.size)
+
+
+if __name__ == "__main__":
+    cli(main)

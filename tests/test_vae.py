@@ -273,3 +273,94 @@ def test_convert_pth_to_safetensors(pth, tmp_path):
     assert got.cfg == vae.cfg
     sd = vae.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in got.state_dict().items()) and got.state_dict().keys() == sd.keys()
+
+
+# ----------------------------------------------------------------------------- the toy VAE (no temporal compression)
+
+
+TOY_SMALL = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1)  # the toy preset's layout, narrower
+
+
+def test_frame_by_frame_codes_each_frame_as_diffusers_codes_an_image(tmp_path):
+    """The toy preset's layout (two spatial downsamples, no temporal one) with frame_by_frame: encoding or decoding a
+    video equals Diffusers' AutoencoderKLWan of the same weights run on each frame alone (a 1-frame video), every
+    frame is one latent frame, and a stream decoder fed 2-frame chunks gives the whole-video decode."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(8)
+    mean, std = torch.randn(4).tolist(), (0.5 + torch.rand(4)).tolist()
+    ref = AutoencoderKLWan(**TOY_SMALL, temperal_downsample=[False, False], latents_mean=mean, latents_std=std)
+    randomise_gammas(ref, 9)
+    ref.save_pretrained(tmp_path / "vae")
+    ours = WanVAE.from_pretrained(tmp_path / "vae")  # renamed from Diffusers' names, config from its config.json
+    ours.cfg = replace(ours.cfg, frame_by_frame=True)
+    assert (ours.cfg.temporal_stride, ours.cfg.spatial_stride) == (1, 4)
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    m, s = latent_stats(ours.cfg)
+    with torch.no_grad():
+        z = ours.encode(x)
+        want_z = torch.cat([ref.encode(x[:, :, t:t + 1]).latent_dist.mean for t in range(5)], dim=2)
+        assert z.shape == (2, 4, 5, 4, 4) and rel_err(z, (want_z - m) / s) <= 1e-4
+        want = torch.cat([ref.decode(z[:, :, t:t + 1] * s + m).sample for t in range(5)], dim=2)
+        assert want.shape == (2, 3, 5, 16, 16) and rel_err(ours.decode(z), want) <= 1e-4
+        causal = replace(ours.cfg, frame_by_frame=False)  # the same weights as a causal video VAE differ
+        ours.cfg = causal
+        assert rel_err(ours.decode(z), want) > 1e-2
+        ours.cfg = replace(causal, frame_by_frame=True)
+        dec = ours.stream_decoder()
+        parts = [dec(c) for c in z.split(2, dim=2)]
+    assert [p.shape[2] for p in parts] == [2, 2, 1]
+    assert rel_err(torch.cat(parts, dim=2), want) <= 1e-4
+    with pytest.raises(ValueError, match="frame_by_frame"):
+        VAEConfig(**TOY_SMALL, temporal_downsample=[False, True], frame_by_frame=True)  # temporal downsampling
+
+
+def test_train_toy_vae_writes_unit_variance_latents(tmp_path):
+    """A short vae.train_toy_vae run: the file loads with its config (the toy preset's layout, and the latent
+    statistics it measured), its encode is the training path's mu normalised by them, and on fresh clips of the same
+    world the normalised latents have about zero mean and unit std per channel."""
+    from data import toyworld
+    from vae import CausalCache, train_toy_vae
+
+    trained = train_toy_vae(tmp_path / "vae.safetensors", steps=3, log=lambda *a: None)
+    vae = WanVAE.from_pretrained(tmp_path / "vae.safetensors")
+    toy = VAE_PRESETS["toy"]
+    assert (vae.cfg.base_dim, vae.cfg.z_dim, vae.cfg.dim_mult, vae.cfg.temporal_downsample, vae.cfg.frame_by_frame) == \
+        (toy.base_dim, toy.z_dim, toy.dim_mult, toy.temporal_downsample, True)
+    assert vae.cfg.latents_std == trained.cfg.latents_std and min(vae.cfg.latents_std) > 0
+    x = torch.stack([toyworld.clip(i, 4, 16, seed=2000)[0] for i in range(64)])  # the training world's clips
+    with torch.no_grad():
+        z = vae.encode(x)
+        mu = vae.conv1(vae.encoder(x[:, :, 2:3], CausalCache()))[:, :16]  # the training loss's path: one frame
+    m, s = latent_stats(vae.cfg)
+    assert rel_err(z[:, :, 2:3], (mu - m) / s) <= 1e-4
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 0.3
+    assert (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 0.3
+
+
+def test_shipped_toy_vae_reconstructs_the_world():
+    """data/toy/vae.safetensors (python vae.py train): held-out world clips of the evaluation's world come back with
+    their objects intact (eval.fidelity, the metric the toy's networks are scored with) and their pixels close;
+    a clip and its decode through 3-frame chunks agree."""
+    import os
+
+    import eval as E
+    from data import toyworld
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "toy", "vae.safetensors")
+    vae = WanVAE.from_pretrained(path)
+    assert os.path.getsize(path) < 12 * 2**20
+    clips = [toyworld.clip(i, 12, 16, seed=1) for i in range(24)]
+    x = torch.stack([c[0] for c in clips])
+    with torch.no_grad():
+        z = vae.encode(x)
+        y = vae.decode(z)
+        dec = vae.stream_decoder()
+        streamed = torch.cat([dec(c) for c in z.split(3, dim=2)], dim=2)
+    fid = sum(E.fidelity(y[i], c[1]) for i, c in enumerate(clips)) / len(clips)
+    mse = (y - x).pow(2).mean().item()
+    print(f"shipped toy VAE on 24 held-out clips: fidelity {fid:.3f}, mse {mse:.5f}")
+    assert fid >= 0.95 and mse < 0.01
+    assert rel_err(streamed, y) <= 1e-5
