@@ -1,7 +1,8 @@
 """
 Toy-world evaluation: stream long rollouts (120+ frames) from a student and score them with the world's own rules
-(data/toyworld.py). The toy model's latents are the 16x16 RGB pixels, so nothing is decoded and a video frame is a
-latent frame.
+(data/toyworld.py). The toy model's latents are the toy VAE's (--vae, data/toy/vae.safetensors: 16 x 4 x 4 per 16x16
+frame, no temporal compression, so a video frame is a latent frame); each chunk is decoded as it is streamed. A
+network on RGB frames (in_dim 3, no VAE) is scored on its latents directly.
 
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
     python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
@@ -65,6 +66,7 @@ gives each row's mean over videos with a 95% percentile-bootstrap interval, and 
 switch.
 """
 
+import functools
 import json
 import math
 import os
@@ -501,6 +503,8 @@ class EvalConfig:
                     "WanModel.from_pretrained reads), e.g. out/toy/redmd; default: the shipped toy student")
     key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
     text_encoder: str = opt("data/toy", "folder with tokenizer.json and text_encoder/ (written by data/prepare_toy.py)")
+    vae: str = opt("data/toy/vae.safetensors", "the toy VAE (python vae.py train) that decodes a latent network's "
+                                                "output; not read for a network on RGB frames (in_dim 3)")
     num_captions: int = opt(16, "captions to evaluate: toyworld.captions(num_captions, caption_seed) (--switch: "
                                 "caption pairs, switch_pairs(num_captions, caption_seed))")
     caption_seed: int = opt(1, "world seed of the evaluation captions (data/toy/prompts.txt uses 0)")
@@ -577,11 +581,11 @@ def check(cfg):
     if not cfg.ckpt and not cfg.teacher:
         raise SystemExit("--ckpt is empty: give a toy student, e.g. data/toy/student.safetensors or out/toy/redmd")
     here = os.path.dirname(os.path.abspath(__file__))  # relative defaults work from any directory
-    for name in (net, "text_encoder"):
+    for name in (net, "text_encoder", "vae"):
         path = getattr(cfg, name)
         if not os.path.exists(path) and os.path.exists(os.path.join(here, path)):
             setattr(cfg, name, os.path.join(here, path))
-        if not os.path.exists(getattr(cfg, name)):
+        if not os.path.exists(getattr(cfg, name)) and name != "vae":  # the VAE: checked below if it is needed
             raise SystemExit(f"--{name}={path}: no such file or folder")
     if cfg.runs and cfg.teacher:
         raise SystemExit("--runs: more students of --ckpt's settings; not with --teacher")
@@ -589,9 +593,18 @@ def check(cfg):
         network_header("runs", path, cfg.key)
     path = getattr(cfg, net)
     model_cfg = network_header(net, path, cfg.key)
-    if model_cfg.in_dim != 3:
-        raise SystemExit(f"--{net}={path}: in_dim {model_cfg.in_dim}; eval.py scores toy-world networks (RGB "
-                         "latents, in_dim 3)")
+    if model_cfg.in_dim != 3:  # a latent network: --vae decodes it, one latent frame per video frame
+        from vae import VAEConfig
+
+        try:
+            vae_cfg = weights.vae(cfg.vae, VAEConfig)[1]
+        except (CheckpointError, OSError) as err:
+            raise SystemExit(f"--vae={cfg.vae}: {err}") from None
+        if (vae_cfg.z_dim, vae_cfg.temporal_stride) != (model_cfg.in_dim, 1) or cfg.height % vae_cfg.spatial_stride:
+            raise SystemExit(f"--{net}={path} has in_dim {model_cfg.in_dim}; --vae={cfg.vae} has z_dim "
+                             f"{vae_cfg.z_dim}, temporal stride {vae_cfg.temporal_stride}, spatial stride "
+                             f"{vae_cfg.spatial_stride}: eval.py needs a toy VAE of the network's channels, temporal "
+                             f"stride 1, and --height a multiple of its spatial stride")
     frames = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
     if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
         raise SystemExit(err)
@@ -649,6 +662,23 @@ def switch_chunk(cfg):
     return k
 
 
+@functools.lru_cache(maxsize=2)
+def load_vae(path, device, dtype):
+    from vae import WanVAE
+
+    return WanVAE.from_pretrained(path, dtype=dtype, device=device).requires_grad_(False)
+
+
+def pixel_decoder(model, cfg):
+    """(side of a latent frame, a fresh stream decoder: latent chunks -> their pixel frames) for the network scored:
+    --vae's for a latent network; for one on RGB frames (in_dim 3) its latents are the frames."""
+    if model.cfg.in_dim == 3:
+        return frame_size(cfg), lambda z: z
+    p = next(model.parameters())
+    vae = load_vae(cfg.vae, p.device, p.dtype)
+    return frame_size(cfg) // vae.cfg.spatial_stride, vae.stream_decoder()
+
+
 def frame_size(cfg):
     """The side of the toy world's square frames, in pixels (= latents): --height, which must equal --width."""
     if cfg.height != cfg.width:
@@ -664,10 +694,11 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0, switch_to=N
     chunks, with cfg.recache); the chunks before the switch are those of the rollout without it."""
     device = next(model.parameters()).device
     dtype = model.blocks[0].self_attn.k.weight.dtype
-    S, C = frame_size(cfg), cfg.chunk_frames
+    s, decode = pixel_decoder(model, cfg)  # latent frames are s x s
+    C = cfg.chunk_frames
     num_chunks = math.ceil(cfg.num_frames / C)
     context = text_encoder(prompts).to(device=device, dtype=dtype)  # [B, text_len, text_dim]
-    cache = SinkCache.from_settings(model, cfg, len(prompts), S, S, num_frames=num_chunks * C)
+    cache = SinkCache.from_settings(model, cfg, len(prompts), s, s, num_frames=num_chunks * C)
     cache.set_prompt(model, context)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
     stream = rollout(model, cache, num_chunks, generator=gen)
@@ -676,7 +707,7 @@ def generate(model, text_encoder, prompts, cfg, seed, batch_index=0, switch_to=N
     for k in range(num_chunks):
         if k == at:  # between chunks, as sample.py switches
             cache.set_prompt(model, text_encoder(switch_to).to(device=device, dtype=dtype), recache=cfg.recache)
-        chunks.append(next(stream).float().cpu())  # [B, 3, C, S, S]
+        chunks.append(decode(next(stream)).float().cpu())  # [B, 3, C, S, S]
     return torch.cat(chunks, dim=2).clamp(-1, 1)  # [B, 3, T, S, S]
 
 
@@ -688,13 +719,14 @@ def sample_teacher(model, text_encoder, prompts, cfg, seed, batch_index=0):
     -> [B, 3, T, S, S] float32 on the CPU, clamped to [-1, 1]."""
     device = next(model.parameters()).device
     dtype = model.blocks[0].self_attn.k.weight.dtype
-    S, T = frame_size(cfg), math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
+    s, decode = pixel_decoder(model, cfg)
+    T = math.ceil(cfg.num_frames / cfg.chunk_frames) * cfg.chunk_frames
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
-    x = torch.randn(len(prompts), model.cfg.in_dim, T, S, S, generator=gen, device=device)  # [B, 3, T, S, S]
+    x = torch.randn(len(prompts), model.cfg.in_dim, T, s, s, generator=gen, device=device)  # [B, C_lat, T, s, s]
     ts = FlowMatch(cfg.euler_shift).trajectory(cfg.euler_steps)
     ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
     x, _ = dmd.euler_sample(model, x.to(dtype), ts, ctx, uncond, cfg.guidance)
-    return x.float().cpu().clamp(-1, 1)
+    return decode(x).float().cpu().clamp(-1, 1)  # [B, 3, T, S, S]
 
 
 def world_videos(cfg):

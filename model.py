@@ -57,10 +57,14 @@ PRESETS = {
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # CPU-sized: 4 heads of 16 channels, so the 3D RoPE split (8/4/4) is non-trivial
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
-    # the toy world's models (config/toy.py): RGB frames as latents, one 96-channel head (RoPE split 32/32/32: 16
-    # frequencies per axis; 4 heads of 24 left 4 per axis, two of them ~0 over a 4 x 4 token grid, and learned slower),
-    "toy": WanConfig(dim=96, ffn_dim=256, num_heads=1, num_layers=4, freq_dim=64, text_dim=64, text_len=24, in_dim=3,
-                     out_dim=3, patch_size=(1, 4, 4)),  # 16 tokens per 16x16 frame: a CPU trains it in minutes
+    # the toy world's models (config/toy.py): the toy VAE's 16 x 4 x 4 latents of a 16x16 frame, one token per latent
+    # pixel (16 tokens per frame: a CPU trains it in minutes), one 96-channel head (RoPE split 32/32/32: 16 frequencies
+    # per axis; 4 heads of 24 left 4 per axis, two of them ~0 over a 4 x 4 token grid, and learned slower)
+    "toy": WanConfig(dim=96, ffn_dim=256, num_heads=1, num_layers=4, freq_dim=64, text_dim=64, text_len=24, in_dim=16,
+                     out_dim=16, patch_size=(1, 1, 1)),
+    # the same network on RGB pixels, 4x4 patches (the toy world before it had a VAE; no --vae)
+    "toy-pixels": WanConfig(dim=96, ffn_dim=256, num_heads=1, num_layers=4, freq_dim=64, text_dim=64, text_len=24,
+                            in_dim=3, out_dim=3, patch_size=(1, 4, 4)),
 }
 
 # -----------------------------------------------------------------------------

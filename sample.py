@@ -17,7 +17,8 @@ Weights: --ckpt is the student (rewardforcing.pt from JaydenLu666/Reward-Forcing
 `python weights.py convert dit`), --wan the Wan2.1-T2V-1.3B folder (text encoder, tokenizer, VAE); see README 'Weights'.
 With neither, the default is the toy student shipped in data/toy/ (student.safetensors, trained on CPU by the recipe
 in README 'Toy world'): 16x16 frames of the toy world, shown 8x larger. A toy student of your own (train.py
-config/toy.py) needs only --ckpt: its latents are RGB frames, so it takes the toy text encoder and no VAE.
+config/toy.py) needs only --ckpt: it takes the toy text encoder and the toy VAE (data/toy/vae.safetensors; a toy
+network on RGB frames, in_dim 3, none).
 Every setting, file and output path is checked before any model loads; a bad one exits with one line (status 2).
 Booleans take a value: --compile=true, --recache=true, --interactive=true.
 """
@@ -51,6 +52,8 @@ WAN_WHERE = ("the Wan2.1-T2V-1.3B folder from https://huggingface.co/Wan-AI/Wan2
 DEFAULT_SCHEDULE = ["0:An empty glass on a rustic wooden table", "5:Dark coffee streams into the empty glass"]
 TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"  # the toy world's text encoder and trained student
 TOY_STUDENT = TOY_DIR / "student.safetensors"
+TOY_VAE = TOY_DIR / "vae.safetensors"  # python vae.py train
+TOY_TEXT_DIM = 64  # the toy text encoder's width (data/prepare_toy.py; model.PRESETS["toy"].text_dim); umT5's is 4096
 TOY_SCHEDULE = ["0:a red circle moves right fast on a gray background",
                 "4:a blue triangle moves down slowly on a white background and the camera pans left"]
 
@@ -248,7 +251,7 @@ def to_uint8(frames, upscale=1):
 
 
 class PixelFrames(torch.nn.Module):
-    """The toy world's "VAE": its latents are its RGB frames already (temporal and spatial stride 1)."""
+    """The "VAE" of a toy network on RGB frames (in_dim 3): its latents are the frames (temporal, spatial stride 1)."""
 
     def __init__(self):
         super().__init__()
@@ -260,12 +263,31 @@ class PixelFrames(torch.nn.Module):
 
 def load_toy(ckpt, device, dtype):
     """A toy student (the embedded default: the one trained on data/toyworld.py by README 'Toy world'), the toy
-    world's text encoder, and its pixels-are-latents 'VAE'."""
+    world's text encoder, and the toy VAE (for a network on RGB frames, the frames themselves)."""
     from t5 import TextEncoder
+    from vae import WanVAE
 
     model = WanModel.from_pretrained(ckpt, dtype=dtype, device=device)
     te = TextEncoder.from_pretrained(TOY_DIR, dtype=dtype, device=device, text_len=model.cfg.text_len)
-    return model, te, PixelFrames()
+    vae = PixelFrames() if model.cfg.in_dim == 3 else WanVAE.from_pretrained(TOY_VAE, dtype=dtype, device=device)
+    return model, te, vae
+
+
+def toy_stride(model_cfg):
+    """The spatial stride of a toy student's VAE, checked against its channels from the file's header: 1 for a
+    network on RGB frames, else the toy VAE's (which must add no frames: one latent frame per video frame)."""
+    from vae import VAEConfig
+
+    if model_cfg.in_dim == 3:
+        return 1
+    try:
+        vae_cfg = weights.vae(TOY_VAE, VAEConfig)[1]
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"the toy VAE: {err} (python vae.py train writes it)") from None
+    if (vae_cfg.z_dim, vae_cfg.temporal_stride) != (model_cfg.in_dim, 1):
+        raise SystemExit(f"{TOY_VAE}: z_dim {vae_cfg.z_dim}, temporal stride {vae_cfg.temporal_stride}; the toy "
+                         f"student needs {model_cfg.in_dim} channels and temporal stride 1")
+    return vae_cfg.spatial_stride
 
 
 def check_weights(cfg):
@@ -293,9 +315,9 @@ def check_weights(cfg):
         ckpt, model_cfg = weights.dit(cfg.ckpt, WanConfig, key=cfg.key or None)
     except (CheckpointError, OSError) as err:
         raise SystemExit(f"loading the student DiT failed: {err}; expected {STUDENT_WHERE}") from None
-    kind = "toy" if model_cfg.in_dim == PixelFrames().cfg.z_dim else "wan"  # RGB latents: a toy-world student
+    kind = "toy" if model_cfg.text_dim == TOY_TEXT_DIM else "wan"  # the toy text encoder's width: a toy-world student
     if kind == "toy" and cfg.wan:
-        raise SystemExit(f"--ckpt={cfg.ckpt} is a toy-world student (RGB latents): it takes no --wan")
+        raise SystemExit(f"--ckpt={cfg.ckpt} is a toy-world student (text_dim {TOY_TEXT_DIM}): it takes no --wan")
     if kind == "wan" and not cfg.wan:
         raise SystemExit(f"--ckpt is given but not --wan: the text encoder, tokenizer and VAE come from {WAN_WHERE}")
     return kind, model_cfg, weights.trained_with(ckpt)
@@ -405,7 +427,7 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                 new = switches[k] if k > 0 and k in switches else None
                 while new_prompts is not None and not new_prompts.empty():  # the latest line wins
                     line = new_prompts.get()
-                    if (unknown := toy_words(te.tokenizer, [line]) if isinstance(vae, PixelFrames) else ""):
+                    if unknown := toy_words(te.tokenizer, [line]):  # a word-level (toy) vocabulary; umT5 knows all
                         bar.write(f"ignored {line!r}: {unknown}")
                         continue
                     new = encode_schedule(te, [(0.0, line)], device, dtype)[0][1:]
@@ -491,8 +513,8 @@ def check(cfg):
     if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
         raise SystemExit(err)
 
-    # sizes: multiples of the VAE's stride times the DiT's patch (the toy: no VAE)
-    stride = 1 if kind == "toy" else 8
+    # sizes: multiples of the VAE's stride times the DiT's patch
+    stride = toy_stride(model_cfg) if kind == "toy" else 8
     default = (16, 16) if kind == "toy" else (480, 832)
     cfg.height, cfg.width = cfg.height or default[0], cfg.width or default[1]
     cfg.upscale = cfg.upscale or (8 if kind == "toy" else 1)

@@ -19,7 +19,8 @@ Three networks: the `student` (the few-step causal generator G), the `teacher` (
                    gradient by exp(r / beta) (paper Eq. 11).
 
 Sizes are the video's: --num_frames pixel frames, --height / --width pixels. With Wan's VAE 1 + 4 (F - 1) frames and
-8 x 8 pixels make one latent (81 x 480 x 832 -> 21 x 60 x 104); with no --vae the latents are the video.
+8 x 8 pixels make one latent (81 x 480 x 832 -> 21 x 60 x 104); with the toy VAE (vae.py train) every frame and 4 x 4
+pixels make one (12 x 16 x 16 -> 12 x 4 x 4); with no --vae the latents are the video.
 
 Where this trainer departs from the released Reward Forcing trainer, on purpose:
   - One optimizer step per accumulated batch, gradients zeroed every step. The released trainer stepped the generator
@@ -83,7 +84,8 @@ class TrainConfig:
     student: str = opt("", "student init; empty: the ODE stage's latest student (redmd) if any, else the teacher")
     critic: str = opt("", "critic (fake score) init; empty: the teacher (with a 14B teacher, give the 1.3B base)")
     text_encoder: str = opt("", "Wan2.1 folder with umT5; empty: a tiny random encoder over the prompts' words")
-    vae: str = opt("", "Wan2.1 VAE: the reward sees decoded pixels; empty: the latents are the video (toy worlds)")
+    vae: str = opt("", "VAE (Wan2.1's, or the toy world's from vae.py train): the teacher stage trains on its latents "
+                       "of the world's clips, the reward sees decoded pixels; empty: the latents are the video")
     prompts: str = opt("", "text file, one prompt per line")
     negative_prompt: Optional[str] = opt(None, "for CFG; none: Wan's with --text_encoder, else 'static blurry'")
     # video and streaming
@@ -243,14 +245,21 @@ def resolve(cfg):
     need(cfg.beta > 0, f"--beta={cfg.beta}: the temperature is > 0 (inf: plain DMD)")
     need(cfg.reward in REWARDS, f"--reward={cfg.reward}: takes {', '.join(REWARDS)}")
     need(cfg.reward_clip is None or cfg.reward_clip > 0, f"--reward_clip={cfg.reward_clip}: > 0, or none")
-    # Wan's VAE: F latent frames <-> 1 + 4 (F - 1) video frames, 8 x 8 pixels per latent; no VAE: the latents are the video
-    ts, ss = 1, 1
+    # the VAE's strides (from its file's header): F latent frames <-> 1 + ts (F - 1) video frames, ss x ss pixels per
+    # latent (Wan's: 4 and 8; the toy's: 1 and 4); no VAE: the latents are the video
+    ts, ss, z_dim = 1, 1, None
     if cfg.vae:
         from vae import VAEConfig
 
-        ts, ss = VAEConfig().temporal_stride, VAEConfig().spatial_stride
+        need(os.path.exists(cfg.vae), f"--vae={cfg.vae}: no such file or folder (Wan2.1's VAE: {WAN_WHERE}; the toy "
+                                      "world's: python vae.py train)")
+        try:
+            vae_cfg = weights.vae(cfg.vae, VAEConfig)[1]
+        except (CheckpointError, OSError) as err:
+            raise SystemExit(f"--vae={cfg.vae}: {err}") from None
+        ts, ss, z_dim = vae_cfg.temporal_stride, vae_cfg.spatial_stride, vae_cfg.z_dim
     n, C = cfg.num_frames, cfg.chunk_frames
-    vae = " with Wan's VAE (81 = 1 + 4 x 20)" if cfg.vae else ""
+    vae = f" with this VAE (temporal stride {ts})" if cfg.vae and ts > 1 else ""
     need(n >= 1 and (n - 1) % ts == 0, f"--num_frames={n}: video frames must be 1 + {ts} k, k >= 0{vae}")
     F = 1 + (n - 1) // ts
     allowed = ", ".join(str(1 + ts * (k * C - 1)) for k in (1, 2, 3))
@@ -285,12 +294,12 @@ def resolve(cfg):
     need(cfg.height % (ss * ph) == 0 and cfg.width % (ss * pw) == 0,
          f"--height={cfg.height} --width={cfg.width}: pixels must be multiples of {ss * ph} x {ss * pw} "
          f"(the VAE's stride {ss} times the network's patch {ph} x {pw})")
+    need(not cfg.vae or net.in_dim == z_dim, f"the network has in_dim={net.in_dim}; --vae={cfg.vae} gives {z_dim}-channel "
+                                             "latents")
     if cfg.stage == "teacher":  # the toy world's clips
-        need(net.in_dim == 3, f"--model={cfg.model}: the toy world's latents are RGB frames, the preset has "
-                              f"in_dim={net.in_dim}")
+        need(cfg.vae or net.in_dim == 3, f"the network has in_dim={net.in_dim}; with no --vae the toy world's latents "
+                                         "are its RGB frames (3 channels): --model=toy-pixels, or give --vae")
         need(cfg.height == cfg.width, f"toy world frames are square: --height={cfg.height}, --width={cfg.width}")
-    if cfg.vae:
-        need(os.path.exists(cfg.vae), f"--vae={cfg.vae}: no such file or folder (Wan2.1's VAE: {WAN_WHERE})")
     words = None
     if cfg.text_encoder:
         te = Path(cfg.text_encoder)
@@ -386,18 +395,22 @@ def text_encoder(cfg, prompts, net_cfg, device):
     return lambda ps: te(ps).float()
 
 
-def pixel_decoder(cfg, device):
-    """latents (B, C, F, h, w) -> pixels (B, 3, 1 + 4 (F - 1), 8 h, 8 w) in [-1, 1] for the reward, no grad: Wan's VAE,
-    or the latents themselves (toy worlds)."""
+def load_vae(cfg, device):
+    """--vae as a frozen WanVAE (bf16 on an accelerator), or None."""
     if not cfg.vae:
-        return lambda x: x
-    from vae import VAEConfig, WanVAE
+        return None
+    from vae import WanVAE
 
     vae = WanVAE.from_pretrained(cfg.vae, dtype=None if device.type == "cpu" else torch.bfloat16, device=device)
-    want = VAEConfig()
-    if (vae.cfg.temporal_stride, vae.cfg.spatial_stride) != (want.temporal_stride, want.spatial_stride):
-        raise SystemExit(f"--vae={cfg.vae}: strides {vae.cfg.temporal_stride}, {vae.cfg.spatial_stride}; the sizes "
-                         f"assume Wan2.1's {want.temporal_stride}, {want.spatial_stride}")
+    return vae.requires_grad_(False)
+
+
+def pixel_decoder(cfg, device):
+    """latents (B, C, F, h, w) -> pixels (B, 3, 1 + ts (F - 1), ss h, ss w) in [-1, 1] for the reward, no grad: the
+    VAE (strides ts, ss: Wan's 4, 8; the toy's 1, 4), or the latents themselves (no --vae)."""
+    vae = load_vae(cfg, device)
+    if vae is None:
+        return lambda x: x
     return lambda x: vae.decode(x.to(next(vae.parameters()).dtype)).float()
 
 
@@ -495,6 +508,7 @@ def train_teacher(cfg, lat, proc):
     torch.manual_seed(cfg.seed)
     teacher = load_net(cfg.init, "init", cfg, proc) if cfg.init else WanModel(PRESETS[cfg.model]).init_weights().to(dev)
     encode = text_encoder(cfg, [" ".join(toyworld.WORDS), ""], teacher.cfg, dev)  # the vocabulary, for a tiny one
+    vae = load_vae(cfg, dev)  # the toy VAE: the teacher learns its latents; none: the RGB frames themselves
     teacher.grad_ckpt = cfg.grad_ckpt
     teacher_ema = copy.deepcopy(teacher).requires_grad_(False).eval()
     backend = cfg.compile_backend if cfg.compile else None
@@ -511,8 +525,11 @@ def train_teacher(cfg, lat, proc):
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             idx = torch.randint(2**31 - 1, (cfg.batch_size,), generator=g, device=dev).tolist()
-            clips = [toyworld.clip(i, lat.F, lat.h, seed=cfg.seed) for i in idx]
-            x0 = torch.stack([c[0] for c in clips]).to(dev)  # (B, 3, F, h, w) in [-1, 1]
+            clips = [toyworld.clip(i, cfg.num_frames, cfg.height, seed=cfg.seed) for i in idx]
+            x0 = torch.stack([c[0] for c in clips]).to(dev)  # (B, 3, T, H, W) in [-1, 1]
+            if vae is not None:
+                with torch.no_grad():
+                    x0 = vae.encode(x0.to(next(vae.parameters()).dtype)).float()  # (B, z_dim, F, h, w), unit variance
             drop = torch.rand(len(idx), generator=g, device=dev) < cfg.caption_dropout
             caps = ["" if d else c[1] for c, d in zip(clips, drop.tolist())]
             t = fm.sample_t(len(idx), g, dev, 0.0, 1000.0)  # (B,)

@@ -5,13 +5,14 @@
 import os as _os
 
 _toy = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "data", "toy")  # found from any directory
-model = "toy"  # model.PRESETS["toy"]: RGB 16x16 frames are the latents, no VAE
+model = "toy"  # model.PRESETS["toy"]: one token per latent pixel, 16 x 4 x 4 latents per frame
+vae = _os.path.join(_toy, "vae.safetensors")  # written by python vae.py train: 16x16 RGB -> 16 x 4 x 4, frame by frame
 text_encoder = _toy  # written by data/prepare_toy.py: word tokenizer + frozen random tiny umT5
 prompts = _os.path.join(_toy, "prompts.txt")
 negative_prompt = ""  # the teacher learns the unconditional branch from empty captions
 out_dir = "out/toy"
 teacher = "out/toy/teacher"  # the teacher stage's folder: its latest EMA weights
-# sizes are the video's (pixels); with no --vae the latents are the video, so these are latent sizes too
+# sizes are the video's (pixels); the toy VAE keeps every frame, so 12 frames are 12 latent frames of 4 x 4
 num_frames = 12  # 4 chunks of 3 frames; evaluation streams 120+
 height = 16
 width = 16

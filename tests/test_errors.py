@@ -135,6 +135,16 @@ def probes(tmp):
         (["weights.py", "convert", "dit", str(tmp / "a_file"), str(tmp / "x.pt")], "must end in .safetensors"),
         (["weights.py", "convert", "dit", str(tmp / "a_file"), f"{not_writable}/x.safetensors"], "cannot write in"),
         (["weights.py", "convert", "dit", "--lora-alph=2", "a", "b"], "unrecognized arguments"),
+        # vae.py train, and a VAE that does not fit
+        (["vae.py", "train", "--size=10"], "--size=10"),
+        (["vae.py", "fit"], "the one command is `train`"),
+        (["vae.py", "train", "--step=3"], "unknown setting --step"),
+        (["train.py", "config/toy.py", f"--vae={tmp / 'nowhere.safetensors'}", "--stage=teacher"],
+         "nowhere.safetensors: no such file or folder"),
+        (["train.py", "config/toy.py", "--model=toy-pixels", "--stage=teacher", f"--out_dir={tmp / 'out'}"],
+         "the network has in_dim=3; --vae="),
+        (["train.py", "config/toy.py", "--vae=", "--stage=teacher", f"--out_dir={tmp / 'out'}"],
+         "with no --vae the toy world's latents are its RGB frames (3 channels): --model=toy-pixels"),
         (["bench.py", "--scale=huge"], "--scale must be one of"),
         (["bench.py", "--device=gpu"], "--device=gpu"),
     ]

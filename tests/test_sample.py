@@ -167,7 +167,7 @@ def test_missing_or_wrong_weights_name_the_file(tmp_path, models, files):
 
 
 def test_a_toy_student_of_ones_own_needs_only_ckpt(tmp_path, capsys):
-    """--ckpt alone on a toy-world student (RGB latents): the toy text encoder, no VAE, 16x16 frames shown 8x. In
+    """--ckpt alone on a toy-world student: the toy text encoder and the toy VAE, 16x16 frames shown 8x. In
     interactive mode a line with words outside the toy vocabulary is ignored with a message, not streamed as <unk>."""
     import shutil
 

@@ -256,8 +256,9 @@ def test_lr_schedule_is_warmup_then_cosine():
 
 
 def test_toy_recipe_each_stage_runs(tmp_path):
-    """The toy preset end to end at a few steps: teacher -> ODE pairs and init -> Re-DMD, each stage finding the
-    previous one's output through its folder, with the shipped toy text encoder (data/toy)."""
+    """The toy preset end to end at a few steps: teacher (on the shipped toy VAE's latents of the world's clips) ->
+    ODE pairs and init -> Re-DMD (the toy reward on decoded pixels), each stage finding the previous one's output
+    through its folder, with the shipped toy text encoder (data/toy)."""
     out = tmp_path / "toy"
     small = ["config/toy.py", f"--out_dir={out}", f"--teacher={out}/teacher", "--num_frames=6", "--height=16",
              "--width=16", "--batch_size=2", "--save_interval=2", "--log_interval=1"]
@@ -282,4 +283,4 @@ def test_toy_recipe_each_stage_runs(tmp_path):
     from model import WanModel
 
     student = WanModel.from_pretrained(out / "redmd" / "step_000002" / "generator_ema.safetensors")
-    assert student.cfg.in_dim == 3 and student.cfg.text_len == 24  # the toy preset, loadable by sample.py
+    assert student.cfg.in_dim == 16 and student.cfg.text_len == 24  # the toy preset (toy VAE latents), loadable by sample.py
