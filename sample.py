@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from config import cli, configure, opt, pick_device, pick_dtype, read_prompt_file, writable_dir
-from model import WanConfig, WanModel
+from model import PRESETS, WanConfig, WanModel
 from sink import MODES, SinkCache, rollout, settings_error, settings_mismatch
 import weights
 from weights import CheckpointError
@@ -53,7 +53,7 @@ DEFAULT_SCHEDULE = ["0:An empty glass on a rustic wooden table", "5:Dark coffee 
 TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"  # the toy world's text encoder and trained student
 TOY_STUDENT = TOY_DIR / "student.safetensors"
 TOY_VAE = TOY_DIR / "vae.safetensors"  # python vae.py train
-TOY_TEXT_DIM = 64  # the toy text encoder's width (data/prepare_toy.py; model.PRESETS["toy"].text_dim); umT5's is 4096
+TOY_TEXT_DIM = PRESETS["toy"].text_dim  # the toy text encoder's width (64, data/prepare_toy.py); umT5's is 4096
 TOY_SCHEDULE = ["0:a red circle moves right fast on a gray background",
                 "4:a blue triangle moves down slowly on a white background and the camera pans left"]
 
@@ -291,7 +291,7 @@ def toy_stride(model_cfg):
 
 
 def check_weights(cfg):
-    """Which student this is, from its checkpoint's header (no tensor read): 'toy' (RGB latents: no --wan needed) or
+    """Which student this is, from its checkpoint's header (no tensor read): 'toy' (the toy text width: no --wan) or
     'wan' (a Wan2.1 student, with the --wan folder). Fails early, naming every missing file and where to get it.
     Returns (kind, the student's WanConfig, the train.py settings it records or None)."""
     if not cfg.ckpt and not cfg.wan:

@@ -194,6 +194,34 @@ def test_a_toy_student_of_ones_own_needs_only_ckpt(tmp_path, capsys):
     assert "ignored 'a purple dog moves left': the toy world's vocabulary has no 'dog', 'purple'" in capsys.readouterr().out
 
 
+def test_toy_latents_are_decoded_by_the_toy_vae_and_rgb_ones_are_the_frames(tmp_path):
+    """A toy student streams through the toy VAE: every chunk's frames are vae.decode of that chunk's latents (3
+    latent frames -> 3 video frames). A toy network on RGB frames (model preset toy-pixels, in_dim 3) is still a toy
+    student, with no VAE: its frames are its latents, clamped."""
+    from model import PRESETS, WanModel
+    from vae import WanVAE
+    from weights import save_safetensors
+
+    cfg = sample.configure(sample.SampleConfig(), ["--num_frames=9", "--height=16", "--width=16"])
+    torch.manual_seed(0)
+    pixels_ckpt = tmp_path / "pixels.safetensors"
+    save_safetensors(WanModel(PRESETS["toy-pixels"]), pixels_ckpt)
+    for ckpt in (sample.TOY_STUDENT, pixels_ckpt):
+        model, te, vae = sample.load_toy(ckpt, CPU, torch.float32)
+        sched = sample.encode_schedule(te, [(0.0, "a red circle moves right")], CPU, torch.float32)
+        seen = []
+        sample.stream_video(cfg, model, vae, sched, str(tmp_path / "v.mp4"), log=lambda *a: None,
+                            on_chunk=lambda k, cache, x0, frames: seen.append((x0.clone(), frames.clone())))
+        assert len(seen) == 3
+        for x0, frames in seen:
+            if ckpt == pixels_ckpt:
+                assert isinstance(vae, sample.PixelFrames) and torch.equal(frames, x0.clamp(-1, 1))
+            else:
+                assert isinstance(vae, WanVAE) and vae.cfg.frame_by_frame and x0.shape == (1, 16, 3, 4, 4)
+                with torch.no_grad():
+                    assert frames.shape == (1, 3, 3, 16, 16) and torch.allclose(frames, vae.decode(x0), atol=1e-6)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full to fill a disk")
 def test_a_disk_that_fills_mid_video_is_one_line_not_a_traceback(tmp_path):
     """The output folder passes the up-front check, then every write fails (an mp4 path linked to /dev/full): ffmpeg
