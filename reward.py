@@ -26,7 +26,6 @@ samples): beta = 1/2 then means a one-sigma better video counts e^2 = 7.4x more.
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from config import cli, configure, help_text, opt
+from config import cli, opt, train_command
 from data import toyworld
 from qwen2vl import VideoAlignModel, preprocess_video
 
@@ -571,13 +570,9 @@ class ToyRewardTrainConfig:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(help_text(ToyRewardTrainConfig(), __doc__))
+    cfg = train_command(ToyRewardTrainConfig(), argv, __doc__, "reward.py")
+    if cfg is None:
         return
-    if argv[0] != "train":
-        raise SystemExit(f"python reward.py: the one command is `train` (got {argv[0]!r}); --help lists its settings")
-    cfg = configure(ToyRewardTrainConfig(), argv[1:], __doc__)
     least = toyworld.SPRITE + toyworld.ROOM  # the world needs room for the sprite to head somewhere
     if cfg.steps < 1 or cfg.size < least or cfg.num_frames < 2:
         raise SystemExit(f"--steps={cfg.steps} --size={cfg.size} --num_frames={cfg.num_frames}: steps >= 1, size >= "

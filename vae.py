@@ -11,7 +11,6 @@ Module names are those of Wan's `Wan2.1_VAE.pth`, so that file loads as a strict
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from config import cli, configure, help_text, opt
+from config import cli, opt, train_command
 
 # Per-channel statistics of Wan2.1 latent means: the DiT sees z = (mu - mean) / std.
 WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -489,13 +488,9 @@ class ToyVAETrainConfig:
 
 def main(argv=None):
     """python vae.py train [--key=value ...]: train the toy world's VAE once (its result is shipped)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(help_text(ToyVAETrainConfig(), main.__doc__))
+    cfg = train_command(ToyVAETrainConfig(), argv, main.__doc__, "vae.py")
+    if cfg is None:
         return
-    if argv[0] != "train":
-        raise SystemExit(f"python vae.py: the one command is `train` (got {argv[0]!r}); --help lists its settings")
-    cfg = configure(ToyVAETrainConfig(), argv[1:], main.__doc__)
     if cfg.steps < 1 or cfg.size < 12 or cfg.size % 4 or cfg.threads < 1:
         raise SystemExit(f"--steps={cfg.steps} --size={cfg.size} --threads={cfg.threads}: steps >= 1, size a multiple "
                          "of 4 and >= 12, threads >= 1")

@@ -127,6 +127,18 @@ def configure(cfg, argv=None, doc=""):
     return cfg
 
 
+def train_command(cfg, argv, doc, script):
+    """`python SCRIPT train [--key=value ...]`, the one command of a script that trains a shipped file once (reward.py,
+    vae.py): -> cfg configured from the settings after `train`, or None after printing the help (no argument, -h)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(help_text(cfg, doc))
+        return None
+    if argv[0] != "train":
+        raise SystemExit(f"python {script}: the one command is `train` (got {argv[0]!r}); --help lists its settings")
+    return configure(cfg, argv[1:], doc)
+
+
 def cli(main):
     """Run a script's main() from the command line: a SystemExit carrying a message (a bad setting, a missing file)
     becomes that message on stderr, one line, and exit status 2, with no traceback; under torchrun rank 0 alone prints
