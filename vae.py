@@ -7,6 +7,9 @@ per-stream cache (the last 2 input frames of each temporal conv) and give exactl
 z = (mu - mean) / std; `encode` returns and `decode` takes that normalised z.
 Module names are those of Wan's `Wan2.1_VAE.pth`, so that file loads as a strict copy; the Diffusers layout
 (`vae/diffusion_pytorch_model.safetensors`) is renamed in weights.py.
+
+The toy world's VAE is the same network, smaller (VAE_PRESETS["toy"]): 16x16 frames -> 16 x 4 x 4 latents, each frame
+coded alone (VAEConfig.frame_by_frame). `python vae.py train` trains it once; data/toy/vae.safetensors is the result.
 """
 
 import math
