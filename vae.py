@@ -12,6 +12,7 @@ The toy world's VAE is the same network, smaller (VAE_PRESETS["toy"]): 16x16 fra
 coded alone (VAEConfig.frame_by_frame). `python vae.py train` trains it once; data/toy/vae.safetensors is the result.
 """
 
+import json
 import math
 import os
 import time
@@ -473,8 +474,8 @@ def train_toy_vae(out_path, steps=4000, seed=0, size=16, batch=64, lr=3e-4, nois
         f"{err:.5f}")
     if out_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        meta = {"train": f'{{"steps": {steps}, "seed": {seed}, "size": {size}, "batch": {batch}, "lr": {lr}, '
-                         f'"noise": {noise}, "l2": {l2}}}'}
+        meta = {"train": json.dumps({"steps": steps, "seed": seed, "size": size, "batch": batch, "lr": lr,
+                                     "noise": noise, "l2": l2})}
         weights.save_safetensors(vae, out_path, meta=meta)
         log(f"wrote {out_path} ({os.path.getsize(out_path) / 2**20:.1f} MB) in {time.time() - t0:.0f}s")
     return vae
