@@ -321,6 +321,24 @@ def score(video, caption, segment_frames=12, chunk_frames=3):
                 copy=copy_score(video, chunk_frames), alignment=alignment(video, caption), camera=camera(video, caption))
 
 
+SPLITS = (("camera", "pan", ("none", "left", "right")), ("alignment", "event", ("none", "turns", "speeds up")),
+          ("alignment", "speed", ("slowly", "fast")))  # (metric, caption attribute, its values) read by by_caption
+
+
+def by_caption(scores, captions):
+    """Where a model fails, by what its captions ask: for each (metric, attribute, values) in SPLITS, the metric's mean
+    over the videos whose caption asks that value, e.g. "camera|pan=none" (nan when no caption asks it). A teacher
+    that keeps the background still but never pans scores camera 1 for pan=none and 0 for left and right; the world's
+    clips frozen on their first frame score exactly that. scores: score() dicts, one per video of captions[i]."""
+    asks = [asked(c) for c in captions]
+    out = {}
+    for metric, attr, values in SPLITS:
+        for value in values:
+            xs = [s[metric] for s, a in zip(scores, asks) if a[attr] == value]
+            out[f"{metric}|{attr}={value}"] = float(np.mean(xs)) if xs else math.nan
+    return out
+
+
 def per_segment(video, caption, segment_frames=12):
     """Metrics per segment along the video (for curves against rollout length): dict name -> list over segments of
     dynamics (steps ending in the segment), fidelity, alignment and camera (windows starting in the segment;
@@ -555,6 +573,11 @@ class EvalConfig:
     euler_steps: int = opt(24, "--teacher: Euler steps")
     euler_shift: float = opt(3.0, "--teacher: sigma shift of the Euler grid")
     guidance: float = opt(2.0, "--teacher: CFG scale against the empty caption (the teacher's unconditional branch)")
+    denoise: list[float] = opt(factory=list, help="--teacher: score its one-step predictions instead of its samples "
+                                                  "(repeat the flag, e.g. --denoise 500 --denoise 950): the world's "
+                                                  "clips of the evaluation captions noised to each timestep t, x0 = "
+                                                  "x_t - sigma v with CFG --guidance, one row per t. What the teacher "
+                                                  "reads from a noisy clip, beside what it makes from noise")
     recache: bool = opt(False, "--switch: also re-encode the window's frames under B at the switch (sample.py's "
                                "--recache, LongLive's recache)")
 
@@ -611,6 +634,9 @@ def check(cfg):
     if cfg.teacher and (cfg.switch or cfg.euler_steps < 1 or cfg.euler_shift <= 0):
         raise SystemExit("--teacher: needs --euler_steps >= 1 and --euler_shift > 0, and has no --switch (a "
                          "bidirectional teacher samples the whole video under one caption)")
+    if cfg.denoise and (not cfg.teacher or any(not 0 < t <= 1000 for t in cfg.denoise) or cfg.out_png or cfg.runs):
+        raise SystemExit(f"--denoise={cfg.denoise}: timesteps in (0, 1000], with --teacher, and no --out_png or --runs "
+                         "(it scores one-step predictions of the world's clips, not videos)")
     if cfg.switch:
         switch_chunk(cfg)
         S = 0 if cfg.sink_mode == "none" else cfg.sink_frames
@@ -729,6 +755,56 @@ def sample_teacher(model, text_encoder, prompts, cfg, seed, batch_index=0):
     return decode(x).float().cpu().clamp(-1, 1)  # [B, 3, T, S, S]
 
 
+@torch.no_grad()
+def denoise(model, text_encoder, cfg, log=print):
+    """--denoise: the world's clips of the evaluation captions (world_videos), coded to latents (--vae; RGB networks
+    see the frames), noised to each t in cfg.denoise with noise seeded by each --seeds, and denoised in one step:
+    x0 = x_t - sigma v, v = CFG(--guidance) of the conditional and empty-caption predictions. Each prediction is
+    decoded and scored like a video. A perfect denoiser scores the world's row at every t; a teacher that can read
+    motion off a noisy clip but not make it scores well here at the t where it fails from noise.
+    -> dict t (str) -> {metric: mean over videos}, with the by_caption splits under "by_caption"."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    prompts = toyworld.captions(cfg.num_captions, cfg.caption_seed)
+    world, _ = world_videos(cfg)  # [N, 3, T, S, S]
+    if model.cfg.in_dim == 3:
+        x0 = world.to(device=device, dtype=torch.float32)
+    else:
+        x0 = load_vae(cfg.vae, device, dtype).encode(world.to(device=device, dtype=dtype)).float()  # [N, C, T, h, w]
+    ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
+    fm, out = FlowMatch(cfg.euler_shift), {}
+    for t in cfg.denoise:
+        scores = []
+        for seed in cfg.seeds:
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+            for b in range(0, len(prompts), cfg.batch_size):
+                x, e, c = x0[b : b + cfg.batch_size], eps[b : b + cfg.batch_size], ctx[b : b + cfg.batch_size]
+                B, s = len(x), fm.sigma(t)
+                xt = fm.add_noise(x, e, float(t))
+                tt = torch.full((2 * B,), float(t), device=device)
+                v = model(torch.cat([xt, xt]).to(dtype), tt, torch.cat([c, uncond.expand(B, -1, -1)])).float()
+                x0_hat = xt - s * dmd.cfg(v[:B], v[B:], cfg.guidance)
+                _, decode = pixel_decoder(model, cfg)
+                videos = decode(x0_hat.to(dtype)).float().cpu().clamp(-1, 1)
+                scores += [score(vid, p, cfg.segment_frames, cfg.chunk_frames)
+                           for vid, p in zip(videos, prompts[b : b + cfg.batch_size])]
+        out[str(t)] = {m: float(np.mean([sc[m] for sc in scores])) for m in METRICS}
+        out[str(t)]["by_caption"] = by_caption(scores, prompts * len(cfg.seeds))
+        log(f"t {t:g}: scored {len(scores)} one-step predictions")
+    return out
+
+
+def format_denoise(result):
+    splits = list(next(iter(result.values()))["by_caption"])
+    w = max(len(k) for k in splits) + 2
+    lines = ["one-step predictions of noised world clips (a perfect denoiser: 1 in every cell but dynamics, drift, "
+             "copy)", f"{'t':>6s}" + "".join(f"{m:>10s}" for m in ("fidelity", "alignment", "camera"))
+             + "".join(f"{k:>{w}s}" for k in splits)]
+    for t, r in result.items():
+        lines.append(f"{float(t):6g}" + "".join(f"{r[m]:>10.3f}" for m in ("fidelity", "alignment", "camera"))
+                     + "".join(f"{r['by_caption'][k]:>{w}.3f}" for k in splits))
+    return "\n".join(lines)
+
+
 def world_videos(cfg):
     """The world's own clips of the evaluation captions, and the same clips frozen on their first frame:
     two tensors [N, 3, T, S, S]."""
@@ -739,19 +815,21 @@ def world_videos(cfg):
 
 
 def summarize(videos, prompts, cfg):
-    """Scores of many videos: (dict metric -> {mean, std}, dict metric -> per-segment means over videos)."""
+    """Scores of many videos: (dict metric -> {mean, std}, dict metric -> per-segment means over videos,
+    by_caption of their scores)."""
     scores = [score(v, p, cfg.segment_frames, cfg.chunk_frames) for v, p in zip(videos, prompts)]
     table = {m: dict(mean=float(np.mean([s[m] for s in scores])), std=float(np.std([s[m] for s in scores])))
              for m in METRICS}
     curves = [per_segment(v, p, cfg.segment_frames) for v, p in zip(videos, prompts)]
     seg = {k: [float(np.nanmean(col)) if not np.all(np.isnan(col)) else math.nan for col in zip(*(c[k] for c in curves))]
            for k in curves[0]}
-    return table, seg
+    return table, seg, by_caption(scores, prompts)
 
 
 def evaluate(model, text_encoder, cfg, log=print):
     """Roll out every evaluation caption x seed, score it, and compare with the world's clips. Returns a dict:
-    model / world / static: metric -> {mean, std}; segments: frame_end and per-segment curves for each;
+    model / world / static: metric -> {mean, std}; by_caption: model / world / static -> by_caption() of their
+    scores; segments: frame_end and per-segment curves for each;
     videos: every rollout [N, 3, T, S, S], seed-major (caption i of the first seed is videos[i]; dropped from
     the JSON)."""
     prompts = toyworld.captions(cfg.num_captions, cfg.caption_seed)
@@ -765,9 +843,9 @@ def evaluate(model, text_encoder, cfg, log=print):
             log(f"seed {seed}: rolled out captions {b}..{b + len(batch) - 1} ({videos[-1].shape[2]} frames)")
     videos = torch.cat(videos)  # [N * seeds, 3, T, S, S]
     world, static = world_videos(cfg)
-    result, curves = {}, {}
+    result, curves, result["by_caption"] = {}, {}, {}
     for name, vids, caps in (("model", videos, names), ("world", world, prompts), ("static", static, prompts)):
-        result[name], curves[name] = summarize(vids, caps, cfg)
+        result[name], curves[name], result["by_caption"][name] = summarize(vids, caps, cfg)
     T = videos.shape[2]
     result["segments"] = dict(frame_end=[b for _, b in segments(T, cfg.segment_frames)], **curves)
     result["num_videos"] = len(videos)
@@ -839,6 +917,14 @@ def format_table(result):
     for name in ("model", "world", "static"):
         lines.append(f"{name:8s}" + "".join(f"{result[name][m]['mean']:>9.3f} ± {result[name][m]['std']:<5.3f}"
                                             for m in METRICS))
+    by = result["by_caption"]
+    splits = list(by["model"])
+    lines.append("")
+    lines.append("by what the caption asks (mean over the videos that ask it):")
+    w = max(len(k) for k in splits) + 2
+    lines.append(f"{'':8s}" + "".join(f"{k:>{w}s}" for k in splits))
+    for name in ("model", "world", "static"):
+        lines.append(f"{name:8s}" + "".join(f"{by[name][k]:>{w}.3f}" for k in splits))
     seg = result["segments"]
     lines.append("")
     lines.append("model per segment (frames up to):  " + " ".join(f"{f:>6d}" for f in seg["frame_end"]))
@@ -1047,6 +1133,10 @@ def main(argv=None):
         print(f"note: {line}")
     if cfg.switch:
         return main_switch(model, te, cfg, dtype, device)
+    if cfg.denoise:
+        result = {"denoise": denoise(model, te, cfg)}
+        print(format_denoise(result["denoise"]))
+        return emit(result, cfg)
     result = evaluate(model, te, cfg)
     print(format_table(result))
     videos = result.pop("videos")

@@ -86,6 +86,8 @@ def probes(tmp):
         (["eval.py", f"--out_json={tmp / 'r.txt'}"], "r.txt: a .json file path"),
         (["eval.py", f"--compare={tmp / 'nowhere.json'}"], "nowhere.json: cannot read a result from it"),
         (["eval.py", f"--compare={tmp / 'a_file'}", f"--out_png={tmp / 'a.png'}"], "only --curve_png goes with it"),
+        (["eval.py", "--denoise=500"], "--denoise=[500.0]: timesteps in (0, 1000], with --teacher"),
+        (["eval.py", f"--teacher={TOY / 'teacher.safetensors'}", "--denoise=0"], "--denoise=[0.0]"),
         # train.py: settings
         (train + ["--device=cuda"], "--device=cuda: no cuda device"),
         (train + ["--device=gpu"], "--device=gpu: not a device name"),

@@ -185,6 +185,31 @@ def test_score_and_per_segment():
     assert all(len(v) == 3 for v in seg.values()) and seg["fidelity"] == [1.0, 1.0, 1.0]
 
 
+def test_by_caption_splits_the_scores_by_what_the_caption_asks():
+    """World clips score 1 in every split; the same clips frozen on frame 0 keep a still background (camera 1 where
+    no pan is asked, 0 where one is) and never move (alignment 0 for every event and speed); a split no caption asks
+    is nan."""
+    ss = specs(48, seed=2)
+    assert {s.pan for s in ss} == set(tw.PANS) and {s.event for s in ss} == set(tw.EVENTS)
+    texts = [tw.caption(s) for s in ss]
+    world = [tw.render(s, 12) for s in ss]
+    frozen = [v[:, :1].expand_as(v) for v in world]
+    by_world = E.by_caption([E.score(v, t) for v, t in zip(world, texts)], texts)
+    by_frozen = E.by_caption([E.score(v, t) for v, t in zip(frozen, texts)], texts)
+    assert len(by_world) == 8 and all(x == 1.0 for x in by_world.values())
+    assert by_frozen["camera|pan=none"] == 1.0 and by_frozen["camera|pan=left"] == by_frozen["camera|pan=right"] == 0
+    assert all(by_frozen[k] == 0.0 for k in by_frozen if k.startswith("alignment"))
+    # a split read off the right videos: the pans of a 50/50 mix of world and frozen clips
+    mixed = [w if i % 2 else f for i, (w, f) in enumerate(zip(world, frozen))]
+    by_mixed = E.by_caption([E.score(v, t) for v, t in zip(mixed, texts)], texts)
+    for pan in ("left", "right"):
+        want = sum(i % 2 for i, s in enumerate(ss) if s.pan == pan) / sum(s.pan == pan for s in ss)
+        assert by_mixed[f"camera|pan={pan}"] == pytest.approx(want)
+    still = [s for s in ss if s.pan == "none"][:3]
+    by_some = E.by_caption([E.score(tw.render(s, 12), tw.caption(s)) for s in still], [tw.caption(s) for s in still])
+    assert math.isnan(by_some["camera|pan=left"]) and by_some["camera|pan=none"] == 1.0
+
+
 # ----------------------------------------------------------------------------- evaluate() and the CLI
 
 
@@ -200,6 +225,8 @@ def test_evaluate_smoke():
     assert result["videos"].shape == (2, 3, 12, 16, 16) and result["videos"].abs().max() <= 1
     assert result["world"]["fidelity"]["mean"] == 1.0 and result["static"]["dynamics"]["mean"] == 0.0
     assert result["segments"]["frame_end"] == [6, 12] and len(result["segments"]["model"]["fidelity"]) == 2
+    assert set(result["by_caption"]) == {"model", "world", "static"}
+    assert all(x == 1.0 or math.isnan(x) for x in result["by_caption"]["world"].values())
 
 
 def test_cli_writes_table_pictures_and_json(tmp_path, capsys):
@@ -257,6 +284,29 @@ def test_teacher_mode_samples_the_whole_video_with_the_teachers_sampler():
     assert torch.allclose(result["videos"], torch.cat([world, world]), atol=1e-4)
     for m in ("fidelity", "alignment", "camera"):
         assert result["model"][m]["mean"] == 1.0
+
+
+def test_denoise_scores_one_step_predictions_of_noised_world_clips():
+    """--denoise: the oracle teacher predicts the velocity toward its clip, so x_t - sigma v gives that clip back at
+    every t: the world's clips score 1 on fidelity, alignment and camera in every row; an oracle of the frozen clips
+    gives the frozen clips' scores (camera 1 only where no pan is asked, no motion), split by caption as by_caption
+    splits them."""
+    cfg = dataclasses.replace(small_cfg(), teacher="oracle", num_captions=5, seeds=[0, 1], batch_size=2, guidance=1.0,
+                              denoise=[300.0, 950.0])
+    world, frozen = E.world_videos(cfg)
+    captions = tw.captions(cfg.num_captions, cfg.caption_seed)
+    encode = lambda ps: torch.tensor([captions.index(p) if p else -1 for p in ps], dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+    out = E.denoise(OracleTeacher(world), encode, cfg, log=lambda *a: None)
+    assert list(out) == ["300.0", "950.0"]
+    for row in out.values():
+        assert all(row[m] == 1.0 for m in ("fidelity", "alignment", "camera"))
+    out = E.denoise(OracleTeacher(frozen), encode, cfg, log=lambda *a: None)
+    want = [E.score(v, c) for v, c in zip(frozen, captions)]
+    for row in out.values():
+        assert row["camera"] == pytest.approx(sum(w["camera"] for w in want) / len(want)) and row["alignment"] == 0.0
+        assert row["by_caption"] == pytest.approx(E.by_caption(want + want, captions + captions), nan_ok=True)
+    with pytest.raises(SystemExit, match="--denoise"):
+        E.check(dataclasses.replace(small_cfg(), denoise=[500.0]))  # a student, not --teacher
 
 
 def test_png_teacher_rows_are_model_teacher_world(monkeypatch):
