@@ -7,6 +7,7 @@ network on RGB frames (in_dim 3, no VAE) is scored on its latents directly.
     python eval.py --ckpt out/toy/redmd --text_encoder data/toy
     python eval.py --ckpt out/toy/redmd --sink_mode=static --num_frames=240 --out_png rollout.png --curve_png curve.png
     python eval.py --teacher out/toy/teacher --num_frames=12   # the bidirectional teacher, with its own sampler
+    python eval.py --teacher out/toy/teacher --num_frames=12 --denoise 500 --denoise 950   # its one-step predictions
     python eval.py --ckpt out/toy/redmd --out_png cmp.png --png_teacher out/toy/teacher   # student, teacher, world
     python eval.py --ckpt out/toy/redmd --switch=true --sink_mode=static --out_png switch.png   # prompt switches
     python eval.py --ckpt out/abl/static_s0/redmd --runs out/abl/static_s1/redmd --sink_mode=static --out_json static.json
@@ -771,7 +772,7 @@ def denoise(model, text_encoder, cfg, log=print):
     else:
         x0 = load_vae(cfg.vae, device, dtype).encode(world.to(device=device, dtype=dtype)).float()  # [N, C, T, h, w]
     ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
-    fm, out = FlowMatch(cfg.euler_shift), {}
+    fm, out = FlowMatch(), {}  # sigma = t / 1000: t is the model's (already warped) timestep
     for t in cfg.denoise:
         scores = []
         for seed in cfg.seeds:
@@ -783,8 +784,8 @@ def denoise(model, text_encoder, cfg, log=print):
                 tt = torch.full((2 * B,), float(t), device=device)
                 v = model(torch.cat([xt, xt]).to(dtype), tt, torch.cat([c, uncond.expand(B, -1, -1)])).float()
                 x0_hat = xt - s * dmd.cfg(v[:B], v[B:], cfg.guidance)
-                _, decode = pixel_decoder(model, cfg)
-                videos = decode(x0_hat.to(dtype)).float().cpu().clamp(-1, 1)
+                _, decode = pixel_decoder(model, cfg)  # a fresh stream decoder per batch of clips
+                videos = decode(x0_hat.to(dtype)).float().cpu().clamp(-1, 1)  # [B, 3, T, S, S]
                 scores += [score(vid, p, cfg.segment_frames, cfg.chunk_frames)
                            for vid, p in zip(videos, prompts[b : b + cfg.batch_size])]
         out[str(t)] = {m: float(np.mean([sc[m] for sc in scores])) for m in METRICS}
