@@ -773,13 +773,13 @@ def denoise(model, text_encoder, cfg, log=print):
         x0 = load_vae(cfg.vae, device, dtype).encode(world.to(device=device, dtype=dtype)).float()  # [N, C, T, h, w]
     ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
     fm, out = FlowMatch(), {}  # sigma = t / 1000: t is the model's (already warped) timestep
+    noise = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device) for seed in cfg.seeds]
     for t in cfg.denoise:
-        scores = []
-        for seed in cfg.seeds:
-            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        scores, s = [], fm.sigma(float(t))
+        for eps in noise:  # one draw per --seeds entry, the same at every t
             for b in range(0, len(prompts), cfg.batch_size):
                 x, e, c = x0[b : b + cfg.batch_size], eps[b : b + cfg.batch_size], ctx[b : b + cfg.batch_size]
-                B, s = len(x), fm.sigma(t)
+                B = len(x)
                 xt = fm.add_noise(x, e, float(t))
                 tt = torch.full((2 * B,), float(t), device=device)
                 v = model(torch.cat([xt, xt]).to(dtype), tt, torch.cat([c, uncond.expand(B, -1, -1)])).float()
@@ -844,7 +844,7 @@ def evaluate(model, text_encoder, cfg, log=print):
             log(f"seed {seed}: rolled out captions {b}..{b + len(batch) - 1} ({videos[-1].shape[2]} frames)")
     videos = torch.cat(videos)  # [N * seeds, 3, T, S, S]
     world, static = world_videos(cfg)
-    result, curves, result["by_caption"] = {}, {}, {}
+    result, curves = {"by_caption": {}}, {}
     for name, vids, caps in (("model", videos, names), ("world", world, prompts), ("static", static, prompts)):
         result[name], curves[name], result["by_caption"][name] = summarize(vids, caps, cfg)
     T = videos.shape[2]
