@@ -8,6 +8,7 @@ Streaming text-to-video with the Reward Forcing student: prompts -> umT5 -> EMA-
         --prompt "0:An empty glass on a rustic wooden table" --prompt "5:Dark coffee streams into the empty glass"
     python sample.py --ckpt ... --wan ... --interactive=true      # type a new prompt + Enter while it streams
     python sample.py --ckpt ... --wan ... --prompts prompts.txt   # one video per line: out_000.mp4, out_001.mp4, ...
+    python sample.py --live                                       # watch and steer it in a browser (live.py)
 
 A prompt "SECONDS:text" starts at that time (paper Fig. 7): it takes effect at the first chunk that starts at or after
 it (chunk k starts at pixel frame 1 + 4(3k - 1), i.e. 0, 9, 21, 33, ... at 16 fps). A prompt without a time starts at
@@ -23,7 +24,9 @@ Every setting, file and output path is checked before any model loads; a bad one
 Booleans take a value: --compile=true, --recache=true, --interactive=true.
 """
 
+import dataclasses
 import gc
+import itertools
 import math
 import os
 import queue
@@ -65,9 +68,11 @@ class SampleConfig:
                             "paper's Fig. 7 pair, glass at 0 s, coffee at 5 s)")
     prompts: str = opt("", "a text file, one prompt per line: one video each, OUT_000.mp4, OUT_001.mp4, ... "
                            "(blank and # lines skipped)")
-    num_frames: int = opt(160, "video frames per video, at --fps (Wan's VAE: 81 video frames = 21 latent frames; the "
-                               "toy student: video frames = latent frames); the last chunk is cut to fit")
-    out: str = opt("out.mp4", "output mp4 path")
+    num_frames: int = opt(0, "video frames per video, at --fps (Wan's VAE: 81 video frames = 21 latent frames; the "
+                             "toy student: video frames = latent frames); the last chunk is cut to fit (0: 160; with "
+                             "--live, no end: it streams until Ctrl-C)")
+    out: str = opt("out.mp4", "output mp4 path (with --live, '' writes none; a restart from the page writes "
+                              "OUT_001.mp4, OUT_002.mp4, ...)")
     ckpt: str = opt("", "student checkpoint: rewardforcing.pt, its .safetensors, or any layout model.py loads "
                         "(no --ckpt and no --wan: the toy student, data/toy/student.safetensors)")
     key: str = opt("", "dict key of a training checkpoint (default: generator_ema, then generator)")
@@ -91,6 +96,13 @@ class SampleConfig:
     recache: bool = opt(False, "on a prompt switch also re-encode the window's frames under the new prompt")
     interactive: bool = opt(False, "read new prompts from stdin while streaming; each line takes effect at the "
                                    "next chunk")
+    live: bool = opt(False, "serve a local web page that shows the stream as it is generated, at --fps, and takes "
+                            "prompts (at the next chunk), pause, restart with a new seed and the recache switch")
+    host: str = opt("127.0.0.1", "--live: the address to serve on (another than 127.0.0.1 is reachable from other "
+                                 "machines, and warned about)")
+    port: int = opt(8000, "--live: the port (0: any free one; the URL is printed)")
+    live_ahead: int = opt(0, "--live: frames the generator may run ahead of the page (0: two chunks' frames); the "
+                             "page's buffer and a prompt's delay are about this long")
     warmup_chunks: int = opt(-1, "chunks left out of the FPS numbers (-1: until the window is full, when every "
                                  "compiled graph exists)")
     quality: int = opt(8, "mp4 quality 0-10 (imageio-ffmpeg, libx264)")
@@ -239,12 +251,16 @@ class Mp4Stream:
             raise SystemExit(f"writing {self.path} failed after {self.frames} frames: {first}")
 
 
-def to_uint8(frames, upscale=1):
-    """[1, 3, f, H, W] in [-1, 1] -> numpy uint8 [f, H * upscale, W * upscale, 3] (nearest neighbour). The .cpu()
-    waits for the chunk: the pixels must reach the host to be written (the one per-chunk sync of the stream)."""
+def to_uint8(frames):
+    """[1, 3, f, H, W] in [-1, 1] -> numpy uint8 [f, H, W, 3]. The .cpu() waits for the chunk: the pixels must
+    reach the host to be written (the one per-chunk sync of the stream)."""
     x = ((frames[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    x = x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-    return x.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else x
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def upscaled(pixels, upscale):
+    """uint8 [f, H, W, 3] -> [f, H * upscale, W * upscale, 3], nearest neighbour (the toy's 16x16 frames in the mp4)."""
+    return pixels.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else pixels
 
 
 # ----------------------------------------------------------------------------- weights
@@ -372,12 +388,15 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompts=None, on_chunk=None, log=print):
-    """Generate one video chunk by chunk and append its frames to `out` as they are decoded.
+def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompts=None, on_chunk=None, live=None,
+                 log=print):
+    """Generate one video chunk by chunk and append its frames to `out` (None: no file) as they are decoded.
 
     prompts: [(seconds, text, context)] sorted by time, the first at 0 (see encode_schedule). new_prompts: a queue
     of prompt texts taking effect at the next chunk (interactive; needs the text encoder te). on_chunk(k, cache, x0,
-    frames): called after chunk k (tests). Returns a dict of numbers for report()."""
+    frames): called after chunk k (tests). live: a live.Live page that is shown every chunk's frames, whose prompts
+    come in through new_prompts, and which may end the video early (a restart). cfg.num_frames 0: no end.
+    Returns a dict of numbers for report()."""
     from tqdm import tqdm
 
     dit = model if dit is None else dit
@@ -387,14 +406,14 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
     H, W = cfg.height, cfg.width
     ph, pw = model.cfg.patch_size[1:]
     assert H % (ss * ph) == 0 and W % (ss * pw) == 0 and H > 0 and W > 0, "check(cfg) first: sizes are whole patches"
-    num_chunks = chunks_for(cfg.num_frames, C, ts)
+    num_chunks = chunks_for(cfg.num_frames, C, ts) if cfg.num_frames else None  # None: until stopped (--live)
     warmup = cfg.warmup_chunks if cfg.warmup_chunks >= 0 else (1 if cfg.sink_mode == "full" else -(-cfg.window_frames // C))
 
     # a prompt starting at time s replaces the cross-attention K/V before the first chunk starting at or after s
     switches = {}
     for sec, text, ctx in prompts:
         k = chunk_at(sec, cfg.fps, C, ts)
-        if k >= num_chunks:
+        if num_chunks is not None and k >= num_chunks:
             log(f"note: prompt {text!r} starts at {sec:g} s, after the video ends ({cfg.num_frames / cfg.fps:.2f} s)")
             continue
         if k in switches:
@@ -406,21 +425,24 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
             log(f"  chunk {k:3d} (frame {f0}, {f0 / cfg.fps:.2f} s): {switches[k][0]!r}")
 
     stats = dict(chunks=0, frames=0, dit_s=0.0, vae_s=0.0, wall_s=0.0, measured_frames=0, switches=[],
-                 first_chunk_s=None)
+                 first_chunk_s=None, prompt=switches[0][0])
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    writer = Mp4Stream(out, cfg.fps, cfg.quality)
+    writer = Mp4Stream(out, cfg.fps, cfg.quality) if out else None
     t_start = time.perf_counter()
     t_measure = None
     interrupted = False
     with torch.inference_mode():
-        cache = SinkCache.from_settings(model, cfg, 1, H // ss, W // ss, num_frames=num_chunks * C)
+        cache = SinkCache.from_settings(model, cfg, 1, H // ss, W // ss, num_frames=(num_chunks or 0) * C)
         cache.set_prompt(dit, switches[0][1])
-        chunks = rollout(dit, cache, num_chunks, generator=generator)
+        chunks = rollout(dit, cache, num_chunks or sys.maxsize, generator=generator)
         dec = vae.stream_decoder()
-        bar = tqdm(range(num_chunks), desc="chunks", unit="chunk", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(range(num_chunks) if num_chunks else itertools.count(), total=num_chunks, desc="chunks",
+                   unit="chunk", dynamic_ncols=True, file=sys.stderr)
         try:
             for k in bar:
-                if k == warmup or (k == 0 and warmup >= num_chunks):
+                if live is not None and live.stop_requested():  # a restart from the page, or the server closed
+                    break
+                if k == warmup or (k == 0 and num_chunks is not None and warmup >= num_chunks):
                     sync(device)  # measurement boundary: the warm-up's queued work is not ours
                     t_measure = time.perf_counter()
                     m_start = k
@@ -432,9 +454,13 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                         continue
                     new = encode_schedule(te, [(0.0, line)], device, dtype)[0][1:]
                 if new is not None:
-                    recached = cfg.recache and cache.frames > cache.S  # nothing to re-encode before the ring fills
-                    cache.set_prompt(dit, new[1], recache=cfg.recache)
+                    recache = live.recache if live is not None else cfg.recache  # the page's switch, or the flag
+                    recached = recache and cache.frames > cache.S  # nothing to re-encode before the ring fills
+                    cache.set_prompt(dit, new[1], recache=recache)
                     stats["switches"].append((k, new[0]))
+                    stats["prompt"] = new[0]
+                    if live is not None:
+                        live.switched(k, new[0])
                     bar.write(f"chunk {k}: prompt -> {new[0]!r}" + (" (window recached)" if recached else ""))
                 t0 = time.perf_counter()
                 x0 = next(chunks)
@@ -443,10 +469,13 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                 frames = dec(x0.to(next(vae.parameters(), p).dtype))
                 sync(device)  # measurement: VAE time alone
                 t2 = time.perf_counter()
-                pixels = to_uint8(frames, cfg.upscale)
+                pixels = to_uint8(frames)  # [f, H, W, 3]
                 n = pixels.shape[0]
-                keep = min(n, cfg.num_frames - stats["frames"])
-                writer.put(pixels[:keep])
+                keep = min(n, cfg.num_frames - stats["frames"]) if cfg.num_frames else n
+                if writer is not None:
+                    writer.put(upscaled(pixels[:keep], cfg.upscale))
+                if live is not None:  # waits while the page is `ahead` frames behind (paused, or slower)
+                    live.push(k, stats["prompt"], pixels[:keep])
                 stats["frames"] += keep
                 stats["chunks"] += 1
                 if k == 0:
@@ -459,15 +488,16 @@ def stream_video(cfg, model, vae, prompts, out, *, dit=None, te=None, new_prompt
                     on_chunk(k, cache, x0, frames)
         except KeyboardInterrupt:
             interrupted = True
-            bar.write(f"interrupted: closing {out} after {stats['chunks']} chunks")
+            bar.write(f"interrupted after {stats['chunks']} chunks" + (f": closing {out}" if out else ""))
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
     t_end = time.perf_counter()
     if t_measure is not None:
         stats["wall_s"] = t_end - t_measure
     stats.update(warmup=m_start if t_measure is not None else None, num_chunks=num_chunks, interrupted=interrupted,
-                 cache_mb=cache.nbytes() / 2**20, written=writer.frames)
+                 cache_mb=cache.nbytes() / 2**20, written=writer.frames if writer is not None else 0)
     return stats
 
 
@@ -475,8 +505,8 @@ def report(stats, cfg, out, device, log=print):
     fr = stats["measured_frames"]
     secs = stats["frames"] / cfg.fps
     shown = f" shown {cfg.upscale}x larger" if cfg.upscale > 1 else ""
-    log(f"wrote {out}: {stats['written']} frames ({secs:.2f} s at {cfg.fps} fps), {cfg.width}x{cfg.height}{shown}, "
-        f"{stats['chunks']} chunks")
+    what = f"wrote {out}: {stats['written']} frames" if out else f"streamed {stats['frames']} frames (no mp4)"
+    log(f"{what} ({secs:.2f} s at {cfg.fps} fps), {cfg.width}x{cfg.height}{shown}, {stats['chunks']} chunks")
     if fr:
         excl = (f"{stats['warmup']} warm-up chunk{'s' * (stats['warmup'] > 1)} excluded" if stats["warmup"] else
                 "video too short to leave out a warm-up: includes compile / first-call costs")
@@ -499,7 +529,8 @@ def check(cfg):
     prompts (their grammar, and words the toy vocabulary lacks), the weights (from their headers) and the output
     path. Fills the automatic sizes in cfg; returns (kind 'toy' | 'wan', jobs [(schedule, out path)])."""
     pick_dtype(cfg.dtype, pick_device(cfg.device))
-    for name, low in (("num_frames", 1), ("fps", 1), ("upscale", 0), ("height", 0), ("width", 0), ("warmup_chunks", -1)):
+    for name, low in (("num_frames", 0), ("fps", 1), ("upscale", 0), ("height", 0), ("width", 0), ("warmup_chunks", -1),
+                      ("live_ahead", 0)):
         if getattr(cfg, name) < low:
             raise SystemExit(f"--{name}={getattr(cfg, name)}: must be >= {low}")
     if not 0 <= cfg.quality <= 10:
@@ -508,8 +539,19 @@ def check(cfg):
         raise SystemExit(err)
     if cfg.prompt and cfg.prompts:
         raise SystemExit("give either --prompt (one video, maybe with switches) or --prompts FILE (one video per line)")
+    if cfg.live:
+        if cfg.prompts or cfg.interactive:
+            raise SystemExit("--live streams one video that the page steers: not with --prompts or --interactive")
+        if not 0 <= cfg.port <= 65535:
+            raise SystemExit(f"--port={cfg.port}: takes 0 .. 65535 (0: any free port)")
+        if cfg.num_frames == 0 and cfg.sink_mode == "full":
+            raise SystemExit("--live with no --num_frames streams without end, which --sink_mode=full (every frame "
+                             "kept) cannot: give --num_frames or another --sink_mode")
+    elif cfg.num_frames == 0:
+        cfg.num_frames = 160
     kind, model_cfg, trained = check_weights(cfg)
-    frames = chunks_for(cfg.num_frames, cfg.chunk_frames, 1 if kind == "toy" else 4) * cfg.chunk_frames
+    frames = (chunks_for(cfg.num_frames, cfg.chunk_frames, 1 if kind == "toy" else 4) * cfg.chunk_frames
+              if cfg.num_frames else cfg.window_frames)  # no end (--live): only the window must fit the RoPE table
     if (err := settings_error(cfg, frames, model_cfg.rope_max_len)) is not None:
         raise SystemExit(err)
 
@@ -535,17 +577,18 @@ def check(cfg):
         if unknown:
             raise SystemExit(unknown)
 
-    # the output: an mp4 path whose folder can be written now, not after the first chunk
-    out = Path(cfg.out)
-    if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
-        raise SystemExit(f"--out={cfg.out}: an .mp4 file path (.mkv and .mov work too)")
-    if out.is_dir():
-        raise SystemExit(f"--out={cfg.out}: is a folder; give a file path such as {out / 'out.mp4'}")
-    writable_dir(str(out.parent), f"--out={cfg.out}")
-    try:
-        import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer)
-    except ImportError:
-        raise SystemExit("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    # the output: an mp4 path whose folder can be written now, not after the first chunk ('' with --live: none)
+    if cfg.out or not cfg.live:
+        out = Path(cfg.out)
+        if out.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+            raise SystemExit(f"--out={cfg.out}: an .mp4 file path (.mkv and .mov work too)")
+        if out.is_dir():
+            raise SystemExit(f"--out={cfg.out}: is a folder; give a file path such as {out / 'out.mp4'}")
+        writable_dir(str(out.parent), f"--out={cfg.out}")
+        try:
+            import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer)
+        except ImportError:
+            raise SystemExit("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
     for line in settings_mismatch(trained, cfg):
         print(f"note: {line}")
     return kind, jobs
@@ -580,6 +623,8 @@ def main(argv=None):
     dit = model
     if cfg.compile:
         dit = torch.compile(model, fullgraph=True, backend=cfg.compile_backend)
+    if cfg.live:
+        return run_live(cfg, model, te, vae, dit, jobs[0][0])
 
     new_prompts = None
     if cfg.interactive:
@@ -596,6 +641,54 @@ def main(argv=None):
         report(stats, cfg, out, device)
         if stats["interrupted"]:
             raise SystemExit(130)
+
+
+def run_live(cfg, model, te, vae, dit, schedule, live=None, log=print):
+    """--live: serve the page (live.py) and stream into it at --fps, one video after another: a restart from the
+    page ends the current one (its mp4 closed) and starts the next from the new seed, with the prompt the last one
+    had reached, into OUT_001.mp4, OUT_002.mp4, ... A finished video waits for a restart. Ctrl-C closes the mp4 and
+    exits with 130. live: an already served live.Live (tests); by default one is served on --host:--port."""
+    from live import Live, host_warning
+
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    if live is None:
+        per_chunk = cfg.chunk_frames * (vae.cfg.temporal_stride if vae.cfg.temporal_stride > 1 else 1)
+        live = Live(cfg.fps, cfg.live_ahead or 2 * per_chunk, lambda text: toy_words(te.tokenizer, [text]),
+                    seed=cfg.seed, recache=cfg.recache)
+        if warning := host_warning(cfg.host):
+            log(warning)
+        try:
+            url = live.serve(cfg.host, cfg.port)
+        except OSError as err:
+            live.close()
+            raise SystemExit(f"--host={cfg.host} --port={cfg.port}: cannot serve there ({err.strerror or err})") from None
+        log(f"live: open {url} in a browser (Ctrl-C stops)")
+        sys.stdout.flush()  # a script reading our output sees the URL now
+    run, out = dataclasses.replace(cfg), cfg.out
+    try:
+        while True:
+            live.start_video(run.seed)
+            stats = stream_video(run, model, vae, encode_schedule(te, schedule, device, dtype), out, dit=dit, te=te,
+                                 new_prompts=live.prompts, live=live, log=log)
+            report(stats, run, out, device, log=log)
+            if stats["interrupted"]:
+                raise SystemExit(130)
+            if not live.stop_requested():  # the last frame: wait for a restart
+                live.end_video()
+                try:
+                    if live.wait_restart() is None:
+                        return
+                except KeyboardInterrupt:
+                    raise SystemExit(130) from None
+            if live.closed:
+                return
+            run.seed = live.begin_restart()
+            out = out_name(cfg.out, live.video) if cfg.out else ""
+            schedule = [(0.0, stats["prompt"])]
+            log(f"restart: video {live.video}, seed {run.seed}, {stats['prompt']!r}" + (f" -> {out}" if out else ""))
+    finally:
+        live.close()
 
 
 if __name__ == "__main__":
