@@ -98,8 +98,8 @@ class SampleConfig:
                                    "next chunk")
     live: bool = opt(False, "serve a local web page that shows the stream as it is generated, at --fps, and takes "
                             "prompts (at the next chunk), pause, restart with a new seed and the recache switch")
-    host: str = opt("127.0.0.1", "--live: the address to serve on (another than 127.0.0.1 is reachable from other "
-                                 "machines, and warned about)")
+    host: str = opt("127.0.0.1", "--live: the address to serve on (any other than 127.0.0.1 can be reached from "
+                                 "other machines, and is warned about)")
     port: int = opt(8000, "--live: the port (0: any free one; the URL is printed)")
     live_ahead: int = opt(0, "--live: frames the generator may run ahead of the page (0: two chunks' frames); the "
                              "page's buffer and a prompt's delay are about this long")
