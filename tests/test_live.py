@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sample
-from live import MAX_BODY, MAX_PROMPT, Live, host_warning
+from live import MAX_BODY, MAX_PROMPT, Live, encode_frame, host_warning
 
 ROOT = Path(__file__).resolve().parent.parent
 A = "a red circle moves right fast on a gray background"
@@ -287,6 +287,60 @@ def test_ctrl_c_closes_a_valid_mp4_and_exits_130(tmp_path):
     n = int(wrote[0].split(": ")[1].split()[0])
     frames = sample_frames(out)
     assert len(frames) == n >= 20 and frames[0].shape == (128, 128, 3)
+
+
+def test_frames_go_to_the_page_as_png_when_small_and_jpeg_when_large():
+    g = np.random.default_rng(0)
+    small = g.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    data, ctype = encode_frame(small)
+    assert ctype == "image/png" and np.array_equal(png(data), small)  # lossless: the toy's pixels exactly
+    y, x = np.mgrid[0:480, 0:832]  # Wan's frame size; smooth, as video frames are
+    large = np.stack([x * 255 // 831, y * 255 // 479, (x + y) * 255 // 1310], -1).astype(np.uint8)
+    data, ctype = encode_frame(large)
+    assert ctype == "image/jpeg" and data[:2] == b"\xff\xd8" and len(data) < large.nbytes / 4
+    assert np.abs(png(data).astype(int) - large).mean() < 2
+
+
+def test_the_wan_path_streams_to_the_page_too(tmp_path, one_thread):
+    """--live with --ckpt / --wan (tiny random files of the real layout, tests/tiny.py): Wan's VAE gives 9 pixel
+    frames for the first chunk and 12 after, and the page shows exactly what the mp4 gets."""
+    import tiny
+
+    student, wan, _ = tiny.write_files(tmp_path / "tiny")
+    cfg = sample.configure(sample.SampleConfig(), ["--live", "--port=0", f"--fps={FPS}", f"--ckpt={student}",
+                                                   f"--wan={wan}", "--height=32", "--width=32", "--num_frames=33",
+                                                   "--prompt=a cat <b>walks</b>", f"--out={tmp_path / 'w.mp4'}"])
+    kind, jobs = sample.check(cfg)
+    assert kind == "wan"
+    model, te, vae = sample.load_real(cfg, torch.device("cpu"), torch.float32)
+    live = Live(FPS, 24, lambda text: "", seed=cfg.seed)
+    url = live.serve("127.0.0.1", 0)
+    t = threading.Thread(target=sample.run_live, args=(cfg, model, te, vae, model, jobs[0][0], live, lambda *a: None),
+                         daemon=True)
+    t.start()
+    try:
+        got, after = [], -1
+        while len(got) < 33:
+            with urllib.request.urlopen(f"{url}frame?after={after}", timeout=30) as r:
+                after = int(r.headers["X-Frame"])
+                got.append((int(r.headers["X-Chunk"]), png(r.read())))
+        state = json.loads(urllib.request.urlopen(f"{url}state", timeout=30).read())
+        assert state["prompt"] == "a cat <b>walks</b>"  # the text as sent: the page shows it with textContent
+        end = time.monotonic() + 30
+        while not json.loads(urllib.request.urlopen(f"{url}state", timeout=30).read())["finished"]:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+    finally:
+        live.close()
+        t.join(30)
+    assert [c for c, _ in got] == [0] * 9 + [1] * 12 + [2] * 12  # 1 + 4 (3 - 1) pixel frames, then 4 x 3
+    assert len(sample_frames(tmp_path / "w.mp4")) == 33
+    ref = []
+    cfg.num_frames = 33
+    sample.stream_video(cfg, model, vae, sample.encode_schedule(te, jobs[0][0], torch.device("cpu"), torch.float32),
+                        None, on_chunk=lambda k, cache, x0, frames: ref.append(sample.to_uint8(frames)),
+                        log=lambda *a: None)
+    assert np.array_equal(np.stack([f for _, f in got]), np.concatenate(ref))  # the stream, exactly
 
 
 def test_live_settings_are_checked(capsys):
