@@ -264,9 +264,11 @@ def sample_frames(path):
 def test_ctrl_c_closes_a_valid_mp4_and_exits_130(tmp_path):
     out = tmp_path / "live.mp4"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # SIGINT as a terminal's Ctrl-C sends it (default disposition: a job started in the background, as CI may start
+    # this suite, inherits SIGINT ignored)
     p = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--live", "--port=0", f"--fps={FPS}",
                           f"--out={out}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env=env)
+                         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for line in p.stdout:
