@@ -767,10 +767,11 @@ def denoise(model, text_encoder, cfg, log=print):
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     prompts = toyworld.captions(cfg.num_captions, cfg.caption_seed)
     world, _ = world_videos(cfg)  # [N, 3, T, S, S]
-    if model.cfg.in_dim == 3:
+    vae = None if model.cfg.in_dim == 3 else load_vae(cfg.vae, device, dtype)  # read once: it codes and decodes
+    if vae is None:
         x0 = world.to(device=device, dtype=torch.float32)
     else:
-        x0 = load_vae(cfg.vae, device, dtype).encode(world.to(device=device, dtype=dtype)).float()  # [N, C, T, h, w]
+        x0 = vae.encode(world.to(device=device, dtype=dtype)).float()  # [N, C, T, h, w]
     ctx, uncond = (text_encoder(p).to(device=device, dtype=dtype) for p in (prompts, [""]))
     fm, out = FlowMatch(), {}  # sigma = t / 1000: t is the model's (already warped) timestep
     noise = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device) for seed in cfg.seeds]
@@ -784,7 +785,7 @@ def denoise(model, text_encoder, cfg, log=print):
                 tt = torch.full((2 * B,), float(t), device=device)
                 v = model(torch.cat([xt, xt]).to(dtype), tt, torch.cat([c, uncond.expand(B, -1, -1)])).float()
                 x0_hat = xt - s * dmd.cfg(v[:B], v[B:], cfg.guidance)
-                _, decode = pixel_decoder(model, cfg)  # a fresh stream decoder per batch of clips
+                decode = (lambda z: z) if vae is None else vae.stream_decoder()  # a fresh one per batch of clips
                 videos = decode(x0_hat.to(dtype)).float().cpu().clamp(-1, 1)  # [B, 3, T, S, S]
                 scores += [score(vid, p, cfg.segment_frames, cfg.chunk_frames)
                            for vid, p in zip(videos, prompts[b : b + cfg.batch_size])]
