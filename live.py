@@ -144,13 +144,12 @@ class Live:
             return None if self.closed else self.restart_seed
 
     def begin_restart(self):
-        """The generator takes a requested restart: returns its seed and counts the new video."""
+        """The generator takes a requested restart: returns its seed and counts the new video (whose frames the
+        clock then tells from the old one's; start_video clears what is left of those)."""
         with self.cv:
-            seed = self.restart_seed
             self.video += 1
             self.cv.notify_all()
-        self.start_video(seed)
-        return seed
+            return self.restart_seed
 
     # -- the playback clock -----------------------------------------------------------------------------------
 
@@ -206,19 +205,20 @@ class Live:
                         switches=[s for s in self.switches if s[0] == self.video][-50:], max_prompt=MAX_PROMPT)
 
     def post_prompt(self, text):
-        """A prompt from the page: '' if accepted (it takes effect at the next chunk), else the reason."""
+        """A prompt from the page -> (the prompt taken, whitespace tidied, ''), or (None, the reason). A taken prompt
+        takes effect at the next chunk."""
         if not isinstance(text, str) or not text.strip():
-            return "the prompt must be a non-empty string"
+            return None, "the prompt must be a non-empty string"
         text = " ".join(text.split())
         if len(text) > MAX_PROMPT:
-            return f"the prompt has {len(text)} characters; at most {MAX_PROMPT}"
+            return None, f"the prompt has {len(text)} characters; at most {MAX_PROMPT}"
         if err := self.check_prompt(text):
-            return err
+            return None, err
         with self.cv:
             self.posted = dict(text=text, t=time.monotonic(), chunk=None)
             self.prompts.put(text)
             self.cv.notify_all()
-        return ""
+        return text, ""
 
     def set(self, **kw):
         """paused / recache / restart_seed from the page."""
@@ -350,9 +350,10 @@ def make_handler(live):
     def prompt(h, query, body):
         if set(body) != {"prompt"}:
             return h.error(HTTPStatus.BAD_REQUEST, 'send {"prompt": "..."}')
-        if err := live.post_prompt(body["prompt"]):
+        text, err = live.post_prompt(body["prompt"])
+        if err:
             return h.error(HTTPStatus.BAD_REQUEST, err)
-        h.send(HTTPStatus.ACCEPTED, json.dumps({"accepted": " ".join(body["prompt"].split())}).encode())
+        h.send(HTTPStatus.ACCEPTED, json.dumps({"accepted": text}).encode())
 
     def pause(h, query, body, on=True):
         if body:

@@ -653,7 +653,7 @@ def run_live(cfg, model, te, vae, dit, schedule, live=None, log=print):
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
     if live is None:
-        per_chunk = cfg.chunk_frames * (vae.cfg.temporal_stride if vae.cfg.temporal_stride > 1 else 1)
+        per_chunk = cfg.chunk_frames * vae.cfg.temporal_stride  # pixel frames of a chunk after the first
         live = Live(cfg.fps, cfg.live_ahead or 2 * per_chunk, lambda text: toy_words(te.tokenizer, [text]),
                     seed=cfg.seed, recache=cfg.recache)
         if warning := host_warning(cfg.host):
