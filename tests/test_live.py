@@ -129,15 +129,19 @@ def server(toy):
     s.close()
 
 
-def offline(toy, schedule, n_chunks, seed=0):
-    """The frames sample.py writes for this schedule (no page): uint8 [N, 16, 16, 3]."""
-    model, te, vae = toy
-    cfg, _ = settings(f"--num_frames={3 * n_chunks}", f"--seed={seed}")
+def stream_frames(models, cfg, schedule):
+    """The frames sample.py writes with these settings and prompt schedule, with no page: uint8 [N, H, W, 3]."""
+    model, te, vae = models
     got = []
     sample.stream_video(cfg, model, vae, sample.encode_schedule(te, schedule, torch.device("cpu"), torch.float32),
                         None, on_chunk=lambda k, cache, x0, frames: got.append(sample.to_uint8(frames)),
                         log=lambda *a: None)
     return np.concatenate(got)
+
+
+def offline(toy, schedule, n_chunks, seed=0):
+    """The toy student's first n_chunks chunks for this schedule: uint8 [3 n_chunks, 16, 16, 3]."""
+    return stream_frames(toy, settings(f"--num_frames={3 * n_chunks}", f"--seed={seed}")[0], schedule)
 
 
 def test_frames_arrive_in_order_are_the_stream_and_two_tabs_see_the_same(server, toy):
@@ -337,12 +341,8 @@ def test_the_wan_path_streams_to_the_page_too(tmp_path, one_thread):
         t.join(30)
     assert [c for c, _ in got] == [0] * 9 + [1] * 12 + [2] * 12  # 1 + 4 (3 - 1) pixel frames, then 4 x 3
     assert len(sample_frames(tmp_path / "w.mp4")) == 33
-    ref = []
-    cfg.num_frames = 33
-    sample.stream_video(cfg, model, vae, sample.encode_schedule(te, jobs[0][0], torch.device("cpu"), torch.float32),
-                        None, on_chunk=lambda k, cache, x0, frames: ref.append(sample.to_uint8(frames)),
-                        log=lambda *a: None)
-    assert np.array_equal(np.stack([f for _, f in got]), np.concatenate(ref))  # the stream, exactly
+    ref = stream_frames((model, te, vae), cfg, jobs[0][0])
+    assert np.array_equal(np.stack([f for _, f in got]), ref)  # the stream, exactly
 
 
 def test_live_settings_are_checked(capsys):
